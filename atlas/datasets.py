@@ -1,0 +1,211 @@
+"""Image sources: the built-in sample set of real photos, folders, globs and path lists.
+
+Every source becomes an ordered list of item strings. The list order fixes
+each image's row in the store, so a rerun over the same source writes the
+same rows. Items are file paths, or ``sample:<photo>/<crop>`` for the sample
+set, which :func:`open_image` turns back into the same crop every time.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from atlas.errors import ConfigError, ImageDecodeError
+from atlas.images import IMAGE_SUFFIXES, decode_image
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_PREFIX = "sample:"
+SAMPLE_CROP_SIZE = 256
+
+# Real photographs shipped inside installed packages (package, path inside it).
+# Synthetic images (chessboard, colour wheel, phantom, logos) are left out.
+SAMPLE_PHOTOS: dict[str, tuple[str, str]] = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "brick": ("skimage", "data/brick.png"),
+    "camera": ("skimage", "data/camera.png"),
+    "cell": ("skimage", "data/cell.png"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "clock": ("skimage", "data/clock_motion.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "coins": ("skimage", "data/coins.png"),
+    "grass": ("skimage", "data/grass.png"),
+    "gravel": ("skimage", "data/gravel.png"),
+    "hubble": ("skimage", "data/hubble_deep_field.jpg"),
+    "ihc": ("skimage", "data/ihc.png"),
+    "moon": ("skimage", "data/moon.png"),
+    "motorcycle_left": ("skimage", "data/motorcycle_left.png"),
+    "motorcycle_right": ("skimage", "data/motorcycle_right.png"),
+    "page": ("skimage", "data/page.png"),
+    "retina": ("skimage", "data/retina.jpg"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "text": ("skimage", "data/text.png"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+}
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A crop in source pixel coordinates: left, top, width, height."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+@lru_cache(maxsize=None)
+def sample_photo_path(name: str) -> Path | None:
+    """Return the file of a sample photo, or ``None`` when its package is not installed."""
+    package, relative = SAMPLE_PHOTOS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+def available_sample_photos() -> list[str]:
+    """Return the names of the sample photos whose packages are installed."""
+    return [name for name in SAMPLE_PHOTOS if sample_photo_path(name) is not None]
+
+
+@lru_cache(maxsize=32)
+def _sample_photo(name: str) -> Image.Image:
+    path = sample_photo_path(name)
+    if path is None:
+        package = SAMPLE_PHOTOS[name][0]
+        raise ImageDecodeError(f"sample photo {name} needs the package {package}, which is not installed")
+    return decode_image(path)
+
+
+def sample_crop_box(width: int, height: int, crop: int, seed: int, min_scale: float, photo: str) -> CropBox:
+    """Return the seeded random resized crop number ``crop`` of a photo.
+
+    Area fraction uniform in [min_scale, 1], aspect ratio log-uniform in
+    [3/4, 4/3], as in torchvision's RandomResizedCrop; crop 0 is the whole photo.
+    """
+    if crop == 0:
+        return CropBox(0, 0, width, height)
+    photo_key = int(hashlib.sha256(photo.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng([seed, photo_key, crop])
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        crop_width = int(round(np.sqrt(target * ratio)))
+        crop_height = int(round(np.sqrt(target / ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(rng.integers(0, height - crop_height + 1))
+            return CropBox(left, top, crop_width, crop_height)
+    side = min(width, height)
+    return CropBox((width - side) // 2, (height - side) // 2, side, side)
+
+
+def sample_items(crops_per_photo: int) -> list[str]:
+    """Return the item strings of the sample set: ``crops_per_photo`` crops of each photo."""
+    photos = available_sample_photos()
+    if not photos:
+        raise ConfigError("no sample photos found: install scikit-image, matplotlib and scikit-learn")
+    return [f"{SAMPLE_PREFIX}{photo}/{crop:04d}" for photo in photos for crop in range(crops_per_photo)]
+
+
+def _parse_sample_item(item: str) -> tuple[str, int]:
+    body = item[len(SAMPLE_PREFIX):]
+    photo, _, crop_text = body.partition("/")
+    if photo not in SAMPLE_PHOTOS or not crop_text.isdigit():
+        raise ImageDecodeError(f"unknown sample item {item!r}; expected sample:<photo>/<crop number>")
+    return photo, int(crop_text)
+
+
+def open_image(item: str, seed: int = 0, min_scale: float = 0.08) -> Image.Image:
+    """Decode an item string into an RGB image.
+
+    ``sample:`` items are rebuilt from their photo and crop number (resized to
+    256 px square); anything else is decoded as a file.
+
+    Raises
+    ------
+    ImageDecodeError
+        The file cannot be decoded; the message gives the reason.
+    """
+    if item.startswith(SAMPLE_PREFIX):
+        photo, crop = _parse_sample_item(item)
+        source = _sample_photo(photo)
+        box = sample_crop_box(source.width, source.height, crop, seed, min_scale, photo)
+        region = source.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+        return region.resize((SAMPLE_CROP_SIZE, SAMPLE_CROP_SIZE), Image.Resampling.BICUBIC)
+    return decode_image(item)
+
+
+def _walk_folder(folder: Path) -> list[str]:
+    items = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                items.append(str(Path(root) / name))
+    return items
+
+
+def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
+    """List the image items of a source.
+
+    Parameters
+    ----------
+    source
+        ``sample``; a folder (searched recursively for common image
+        suffixes); a glob pattern (``**`` allowed); or a ``.txt``/``.lst``
+        file with one path per line (relative paths resolve against the
+        file's folder).
+
+    Raises
+    ------
+    ConfigError
+        The source does not exist or lists no image.
+    """
+    if source == "sample":
+        return sample_items(crops_per_photo)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        items = _walk_folder(path)
+    elif path.is_file() and path.suffix.lower() in {".txt", ".lst"}:
+        items = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entry = Path(line).expanduser()
+                items.append(str(entry if entry.is_absolute() else path.parent / entry))
+    elif any(char in source for char in "*?["):
+        items = sorted(glob.glob(str(path), recursive=True))
+    elif path.is_file():
+        items = [str(path)]
+    else:
+        raise ConfigError(
+            f"image source {source!r} not found; pass `sample`, a folder, a glob pattern or a .txt list of paths"
+        )
+    if not items:
+        raise ConfigError(f"image source {source!r} holds no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def fingerprint(items: list[str]) -> str:
+    """Return a short hash of the item list, stored to detect a changed dataset on resume."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

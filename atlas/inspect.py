@@ -1,0 +1,96 @@
+"""Summaries of stores for `atlas info` and `atlas ls`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from atlas.errors import StoreError
+from atlas.store import open_store, read_strings
+
+logger = logging.getLogger(__name__)
+
+
+def store_info(path: str | Path) -> dict:
+    """Describe a store: model, layers, counts, rejected images, index, grids, stages.
+
+    Returns
+    -------
+    dict
+        JSON-able; ``rejected`` lists ``{"path", "reason"}`` for every image not decoded.
+    """
+    group = open_store(path)
+    attrs = dict(group.attrs)
+    paths = read_strings(group["images/path"])
+    status = read_strings(group["images/status"])
+    rejected = [
+        {"row": int(row), "path": str(paths[row]), "reason": str(status[row])}
+        for row in np.flatnonzero((status != "ok") & (status != "pending"))
+    ]
+    valid = np.asarray(group["samples/valid"][:])
+    per_image = int(attrs.get("rows_per_image", 0))
+    n_ok = int((status == "ok").sum())
+    stages = attrs.get("stages", {})
+
+    layers = {}
+    for layer in attrs.get("layers", []):
+        activations = group[f"activations/{layer}"]
+        index_info = stages.get(f"index:{layer}", {})
+        grids = {}
+        if f"grids/{layer}" in group:
+            for size_name in sorted(group[f"grids/{layer}"].group_keys(), key=int):
+                cells = group[f"grids/{layer}/{size_name}"]
+                icons = int(np.asarray(cells["icon_done"][:]).sum()) if "icon_done" in cells else 0
+                grids[size_name] = {
+                    "n_nonempty": int(cells.attrs.get("n_nonempty", 0)),
+                    "n_icons": icons,
+                    "min_count": cells.attrs.get("min_count"),
+                }
+        layers[layer] = {
+            "dim": int(activations.shape[1]),
+            "index_type": index_info.get("type"),
+            "projected": f"projection/{layer}" in group,
+            "grids": grids,
+        }
+
+    return {
+        "store": str(path),
+        "model": attrs.get("model"),
+        "layers": layers,
+        "n_images": int(attrs.get("n_images", len(paths))),
+        "n_ok": n_ok,
+        "n_pending": int((status == "pending").sum()),
+        "n_rejected": len(rejected),
+        "rejected": rejected,
+        "n_activations": int(valid.sum()),
+        "n_nonfinite_rows": int(max(0, n_ok * per_image - int(valid.sum()))),
+        "positions": attrs.get("positions"),
+        "rows_per_image": per_image,
+        "stages": {key: bool(value.get("done")) for key, value in stages.items()},
+        "created": attrs.get("created"),
+    }
+
+
+def list_stores(root: str | Path) -> list[dict]:
+    """Find the stores under ``root`` (searching at most three folders deep) and summarise each."""
+    root = Path(root)
+    if not root.exists():
+        raise StoreError(f"{root} does not exist; pass a folder that holds .zarr stores")
+    found = []
+    candidates = [root] if (root / "zarr.json").exists() else []
+    for depth in ("*", "*/*", "*/*/*"):
+        candidates += [path.parent for path in root.glob(f"{depth}/zarr.json") if path.parent.name.endswith(".zarr")]
+    seen = set()
+    for candidate in sorted(candidates):
+        if candidate in seen:
+            continue
+        seen.add(candidate)
+        try:
+            info = store_info(candidate)
+        except StoreError as error:
+            logger.debug("skipping %s: %s", candidate, error)
+            continue
+        found.append(info)
+    return found

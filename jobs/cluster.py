@@ -1,0 +1,78 @@
+"""Dask cluster set-up: a local cluster, a CUDA cluster, or an existing scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+from atlas.config import ComputeConfig
+from atlas.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _cuda_cluster(config: ComputeConfig):
+    try:
+        import torch
+        from dask_cuda import LocalCUDACluster
+    except ImportError as error:
+        raise ConfigError(
+            "compute.device is cuda but dask-cuda is not installed; install it with "
+            "`pip install 'activation-atlas[gpu]'` or set compute.device: cpu"
+        ) from error
+    if not torch.cuda.is_available():
+        raise ConfigError("compute.device is cuda but torch sees no CUDA GPU; set compute.device: cpu")
+    return LocalCUDACluster(threads_per_worker=config.threads_per_worker, memory_limit=config.memory_limit or "auto")
+
+
+@contextmanager
+def dask_client(config: ComputeConfig) -> Iterator[Client]:
+    """Yield a Dask client for the configured cluster and close what was started on exit.
+
+    ``config.scheduler`` attaches to a running scheduler (nothing is started or
+    stopped); otherwise a ``LocalCluster`` (or ``LocalCUDACluster`` for
+    ``device: cuda``) lives for the duration of the block.
+    """
+    cluster = None
+    if config.scheduler:
+        try:
+            client = Client(config.scheduler, timeout="20s")
+        except OSError as error:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {config.scheduler} ({error}); "
+                "start one with `dask scheduler` or drop --scheduler to use a local cluster"
+            ) from error
+    else:
+        if config.device == "cuda":
+            cluster = _cuda_cluster(config)
+        else:
+            cluster = LocalCluster(
+                n_workers=config.n_workers,
+                threads_per_worker=config.threads_per_worker,
+                processes=config.processes,
+                memory_limit=config.memory_limit or "auto",
+                dashboard_address=":0" if config.dashboard else None,
+            )
+        client = Client(cluster)
+    if client.dashboard_link and (config.dashboard or config.scheduler):
+        logger.info("Dask dashboard: %s", client.dashboard_link)
+    logger.info("Dask scheduler %s with %d workers", client.scheduler.address, len(client.scheduler_info()["workers"]))
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def torch_threads_per_task(config: ComputeConfig) -> int:
+    """Return the intra-op thread count for each task so workers do not oversubscribe the cores."""
+    import os
+
+    if config.scheduler:
+        return config.threads_per_worker
+    cores = os.cpu_count() or 1
+    return max(1, cores // (config.n_workers * config.threads_per_worker))

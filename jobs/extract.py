@@ -1,0 +1,199 @@
+"""The extraction job: list images, create or resume the store, run shards on Dask."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from distributed import as_completed
+from tqdm.auto import tqdm
+
+import atlas
+from atlas.config import AtlasConfig
+from atlas.datasets import fingerprint, list_items
+from atlas.errors import ConfigError, StoreError
+from atlas.extract import ExtractSettings, cached_model, probe_layer_shapes, process_shard, rows_per_image
+from atlas.store import clear_stage, create_store, mark_stage, open_store, read_strings, stage_done
+from jobs.cluster import dask_client, torch_threads_per_task
+from jobs.lock import store_lock
+
+logger = logging.getLogger(__name__)
+
+
+def _layers(config: AtlasConfig) -> list[str]:
+    layers = [config.layer, *[name for name in config.extract.extra_layers if name != config.layer]]
+    return layers
+
+
+def _settings(config: AtlasConfig, store: str, layer_shapes: dict[str, list[int]]) -> ExtractSettings:
+    return ExtractSettings(
+        store=store,
+        model=config.model,
+        layers=_layers(config),
+        positions=config.extract.positions,
+        per_image=config.extract.per_image,
+        seed=config.extract.seed,
+        batch_size=config.extract.batch_size,
+        shard_size=config.extract.shard_size,
+        attribution=config.extract.attribution,
+        attribution_candidates=config.extract.attribution_candidates,
+        attribution_top_k=config.extract.attribution_top_k,
+        sample_seed=config.sample.seed,
+        sample_min_scale=config.sample.min_scale,
+        device=config.compute.device,
+        torch_threads=torch_threads_per_task(config.compute),
+        layer_shapes=layer_shapes,
+    )
+
+
+def _prepare_store(config: AtlasConfig, store: str, items: list[str], force: bool) -> dict[str, list[int]]:
+    """Create the store, or check that an existing one belongs to this job; return layer shapes."""
+    digest = config.digest()
+    data_print = fingerprint(items)
+    if Path(store).exists() and not force:
+        try:
+            group = open_store(store, mode="r")
+        except StoreError:
+            group = None
+        if group is not None:
+            if group.attrs.get("config_digest") != digest or group.attrs.get("dataset_fingerprint") != data_print:
+                raise ConfigError(
+                    f"store {store} was extracted with another configuration or image list; "
+                    "pass --force to overwrite it, or choose another --store"
+                )
+            return dict(group.attrs["layer_shapes"])
+
+    model = cached_model(config.model, config.compute.device if config.compute.device == "cpu" else "cpu")
+    layers = _layers(config)
+    shapes = probe_layer_shapes(model, layers)
+    _, height, width = shapes[layers[0]]
+    per_row = rows_per_image(config.extract.positions, config.extract.per_image, height, width)
+    create_store(
+        store,
+        attrs={
+            "model": config.model,
+            "layer_shapes": shapes,
+            "preprocessing": model.preprocessing_info(),
+            "class_names": model.class_names,
+            "positions": config.extract.positions,
+            "per_image": config.extract.per_image,
+            "attribution": config.extract.attribution,
+            "seed": config.extract.seed,
+            "config_digest": digest,
+            "config": config.model_dump(mode="json"),
+            "images_source": config.images,
+            "dataset_fingerprint": data_print,
+            "package_version": atlas.__version__,
+        },
+        n_images=len(items),
+        rows_per_image=per_row,
+        layer_channels={name: shape[0] for name, shape in shapes.items()},
+        shard_size=config.extract.shard_size,
+        attribution_top_k=config.extract.attribution_top_k,
+    )
+    group = open_store(store, mode="r+")
+    group["images/path"][:] = np.array(items, dtype=str)
+    group["images/status"][:] = np.array(["pending"] * len(items), dtype=str)
+    logger.info(
+        "created store %s: %d images, %d rows per image, layers %s", store, len(items), per_row, shapes
+    )
+    return shapes
+
+
+def _duplicate_reasons(items: list[str]) -> dict[int, str]:
+    first_seen: dict[str, int] = {}
+    reasons = {}
+    for row, item in enumerate(items):
+        key = str(Path(item).resolve()) if not item.startswith("sample:") else item
+        if key in first_seen:
+            reasons[row] = f"duplicate path: same file as image row {first_seen[key]}"
+        else:
+            first_seen[key] = row
+    return reasons
+
+
+def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None = None) -> dict:
+    """Extract activations for every image of ``config.images`` into ``config.store``.
+
+    Completed shards of an earlier, interrupted run of the same configuration
+    are kept; a completed store is left as it is unless ``force``.
+
+    Returns
+    -------
+    dict
+        Counts and timings: n_images, n_ok, n_rejected, n_nonfinite_rows, seconds, images_per_second.
+    """
+    store = str(Path(config.store).resolve()) if "://" not in config.store else config.store
+    if Path(store).exists() and not force:
+        try:
+            if stage_done(open_store(store), "extract"):
+                logger.info("extract: %s is already complete; pass --force to redo it", store)
+                return dict(open_store(store).attrs["stages"]["extract"])
+        except StoreError:
+            pass
+
+    items = list_items(config.images, config.sample.crops_per_photo)
+    logger.info("extract: %d images from %s", len(items), config.images)
+    start = time.perf_counter()
+    shapes = _prepare_store(config, store, items, force)
+    settings = _settings(config, store, shapes)
+    duplicates = _duplicate_reasons(items)
+
+    with store_lock(store, "extract"):
+        group = open_store(store, mode="r+")
+        clear_stage(group, "extract")
+        done = np.asarray(group["extract/shard_done"][:])
+        todo = [int(shard) for shard in np.flatnonzero(~done)]
+        logger.info("extract: %d of %d shards to run", len(todo), len(done))
+        show = sys.stderr.isatty() if progress is None else progress
+        with dask_client(config.compute) as client:
+            futures = [
+                client.submit(
+                    process_shard,
+                    shard,
+                    settings,
+                    rejected={
+                        row - shard * settings.shard_size: reason
+                        for row, reason in duplicates.items()
+                        if row // settings.shard_size == shard
+                    },
+                    key=f"extract-shard-{shard}-{config.digest()}",
+                    pure=False,
+                )
+                for shard in todo
+            ]
+            bar = tqdm(total=len(items), unit="img", disable=not show, desc="extract")
+            bar.update(len(items) - sum(min(settings.shard_size, len(items) - shard * settings.shard_size) for shard in todo))
+            for future in as_completed(futures):
+                result = future.result()
+                bar.update(result.n_images)
+                logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
+            bar.close()
+
+        status = read_strings(group["images/status"])
+        valid = np.asarray(group["samples/valid"][:])
+        n_ok = int((status == "ok").sum())
+        per_row = int(group.attrs["rows_per_image"])
+        summary = {
+            "n_images": len(items),
+            "n_ok": n_ok,
+            "n_rejected": len(items) - n_ok,
+            "n_rows": int(valid.shape[0]),
+            "n_valid_rows": int(valid.sum()),
+            "n_nonfinite_rows": int(n_ok * per_row - valid.sum()),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        summary["images_per_second"] = round(len(todo and items) / max(summary["seconds"], 1e-9), 2)
+        reasons = Counter(reason for reason in status if reason != "ok")
+        for reason, count in reasons.most_common(5):
+            logger.warning("extract: %d images rejected: %s", count, reason)
+        mark_stage(group, "extract", **summary)
+    logger.info(
+        "extract: %d images (%d rejected), %d activation rows in %.1f s",
+        summary["n_images"], summary["n_rejected"], summary["n_valid_rows"], summary["seconds"],
+    )
+    return summary

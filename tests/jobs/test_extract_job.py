@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from atlas.errors import ConfigError, StoreLockedError
+from atlas.extract import cached_model
+from atlas.inspect import store_info
+from atlas.store import open_store, read_strings
+from jobs.extract import run_extract
+from jobs.lock import store_lock
+from tests.conftest import tiny_config, write_bad_folder
+
+ARRAYS = [
+    "activations/layer2", "samples/image", "samples/y", "samples/x", "samples/valid",
+    "samples/attribution_class", "samples/attribution_score", "images/top_class", "images/top_prob",
+]
+
+
+def test_rows_match_direct_forward(tiny_spec, image_folder, tmp_path):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
+    summary = run_extract(config, progress=False)
+    assert summary["n_ok"] == 20 and summary["n_rejected"] == 0
+    group = open_store(config.store)
+    assert group["activations/layer2"].shape == (20 * 6, 16)
+
+    model = cached_model(tiny_spec)
+    paths = read_strings(group["images/path"])
+    image_row = 13
+    from atlas.images import decode_image
+
+    x = model.preprocess([decode_image(paths[image_row])])
+    with torch.no_grad():
+        layer = model.module.layer2(model.module.layer1(model.module.stem(x)))[0]
+    rows = np.flatnonzero(group["samples/image"][:] == image_row)
+    assert len(rows) == 6
+    for row in rows:
+        y, x_pos = int(group["samples/y"][row]), int(group["samples/x"][row])
+        expected = layer[:, y, x_pos].numpy().astype(np.float16)
+        np.testing.assert_array_equal(group["activations/layer2"][row], expected)
+    assert group["samples/valid"][:].all()
+
+
+def test_bad_inputs_recorded(tiny_spec, tmp_path):
+    expected = write_bad_folder(tmp_path / "bad")
+    config = tiny_config(tiny_spec, tmp_path / "bad", tmp_path / "s.zarr")
+    summary = run_extract(config, progress=False)
+    ok_names = {name for name, outcome in expected.items() if outcome == "ok"}
+    assert summary["n_ok"] == len(ok_names)
+    info = store_info(config.store)
+    rejected = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in info["rejected"]}
+    assert set(rejected) == set(expected) - ok_names
+    for name, reason in rejected.items():
+        assert expected[name] in reason, (name, reason)
+    valid_images = set(np.unique(open_store(config.store)["samples/image"][:][open_store(config.store)["samples/valid"][:]]))
+    paths = read_strings(open_store(config.store)["images/path"])
+    assert {paths[row].rsplit("/", 1)[1] for row in valid_images} == ok_names
+
+
+def test_resume_after_lost_shard_equals_full_run(tiny_spec, image_folder, tmp_path):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "full.zarr")
+    run_extract(config, progress=False)
+    shutil.copytree(config.store, tmp_path / "partial.zarr")
+    partial = zarr.open_group(str(tmp_path / "partial.zarr"), mode="r+")
+    # Simulate a job killed after two shards: wipe shards 2.. and the completion mark.
+    rows_per_shard = 4 * 6
+    partial["extract/shard_done"][2:] = False
+    partial["activations/layer2"][2 * rows_per_shard :] = 0
+    partial["samples/valid"][2 * rows_per_shard :] = False
+    partial.attrs["stages"] = {}
+
+    resumed = tiny_config(tiny_spec, image_folder, tmp_path / "partial.zarr")
+    run_extract(resumed, progress=False)
+    full = open_store(config.store)
+    again = open_store(resumed.store)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(full[name][:], again[name][:], err_msg=name)
+
+
+def test_completed_store_is_noop_and_changed_config_refused(tiny_spec, image_folder, tmp_path):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
+    run_extract(config, progress=False)
+    stamp = open_store(config.store).attrs["stages"]["extract"]["finished"]
+    run_extract(config, progress=False)
+    assert open_store(config.store).attrs["stages"]["extract"]["finished"] == stamp
+
+    changed = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr", "extract.per_image=3")
+    open_store(config.store, mode="r+").attrs["stages"] = {}
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_extract(changed, progress=False)
+
+
+def test_live_lock_refused_and_stale_taken_over(tiny_spec, image_folder, tmp_path):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
+    (tmp_path / "s.zarr").mkdir()
+    with store_lock(config.store, "extract"):
+        with pytest.raises(StoreLockedError, match=r"pid \d+"):
+            with store_lock(config.store, "extract"):
+                pass
+    lock = tmp_path / "s.zarr" / "sidecar" / "lock.json"
+    lock.write_text('{"host": "%s", "pid": 999999999, "started": "then", "job": "extract"}' % __import__("socket").gethostname())
+    with store_lock(config.store, "extract") as path:
+        assert path.exists()
+    assert not lock.exists()
+
+
+def test_duplicate_paths_recorded(tiny_spec, image_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    first = sorted(image_folder.glob("*.png"))[0]
+    listing.write_text(f"{first}\n{first}\n")
+    config = tiny_config(tiny_spec, listing, tmp_path / "s.zarr")
+    summary = run_extract(config, progress=False)
+    assert summary["n_ok"] == 1
+    info = store_info(config.store)
+    assert info["rejected"][0]["row"] == 1
+    assert "duplicate" in info["rejected"][0]["reason"]
