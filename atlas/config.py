@@ -59,7 +59,7 @@ class ComputeConfig(_Section):
 
     scheduler: str | None = None
     n_workers: int = Field(1, ge=1)
-    threads_per_worker: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
     processes: bool = True
     memory_limit: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
@@ -168,8 +168,12 @@ class AtlasConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def digest(self) -> str:
-        """Return a short hash of the settings that change the stored data."""
-        data = self.model_dump(exclude={"serve", "compute", "store"})
+        """Return a short hash of the settings that change the extracted rows.
+
+        Later stages (index, projection, grids, icons) are rebuilt with
+        ``--force`` and do not enter the hash.
+        """
+        data = self.model_dump(include={"images", "model", "layer", "sample", "extract"})
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
