@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STAGES = ("extract", "index", "project", "grid", "render")
 TOP_PREDICTIONS = 5
+ROW = ["row"]
+IMAGE = ["image"]
 
 
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -94,31 +96,33 @@ def create_store(
     for layer, channels in layer_channels.items():
         group.create_array(
             f"activations/{layer}", shape=(n_rows, channels), chunks=(row_chunk, channels),
-            dtype="float16", fill_value=0,
+            dtype="float16", fill_value=0, dimension_names=["row", "channel"],
         )
-    group.create_array("samples/image", shape=(n_rows,), chunks=(row_chunk,), dtype="int32", fill_value=-1)
-    group.create_array("samples/y", shape=(n_rows,), chunks=(row_chunk,), dtype="int16", fill_value=-1)
-    group.create_array("samples/x", shape=(n_rows,), chunks=(row_chunk,), dtype="int16", fill_value=-1)
-    group.create_array("samples/valid", shape=(n_rows,), chunks=(row_chunk,), dtype="bool", fill_value=False)
+    group.create_array("samples/image", shape=(n_rows,), chunks=(row_chunk,), dtype="int32", fill_value=-1, dimension_names=ROW)
+    group.create_array("samples/y", shape=(n_rows,), chunks=(row_chunk,), dtype="int16", fill_value=-1, dimension_names=ROW)
+    group.create_array("samples/x", shape=(n_rows,), chunks=(row_chunk,), dtype="int16", fill_value=-1, dimension_names=ROW)
+    group.create_array("samples/valid", shape=(n_rows,), chunks=(row_chunk,), dtype="bool", fill_value=False, dimension_names=ROW)
     group.create_array(
         "samples/attribution_class", shape=(n_rows, attribution_top_k), chunks=(row_chunk, attribution_top_k),
-        dtype="int16", fill_value=-1,
+        dtype="int16", fill_value=-1, dimension_names=["row", "rank"],
     )
     group.create_array(
         "samples/attribution_score", shape=(n_rows, attribution_top_k), chunks=(row_chunk, attribution_top_k),
-        dtype="float32", fill_value=0,
+        dtype="float32", fill_value=0, dimension_names=["row", "rank"],
     )
-    group.create_array("images/path", shape=(n_images,), chunks=(image_chunk,), dtype=str)
-    group.create_array("images/status", shape=(n_images,), chunks=(image_chunk,), dtype=str)
+    group.create_array("images/path", shape=(n_images,), chunks=(image_chunk,), dtype=str, dimension_names=IMAGE)
+    group.create_array("images/status", shape=(n_images,), chunks=(image_chunk,), dtype=str, dimension_names=IMAGE)
     group.create_array(
         "images/top_class", shape=(n_images, TOP_PREDICTIONS), chunks=(image_chunk, TOP_PREDICTIONS),
-        dtype="int16", fill_value=-1,
+        dtype="int16", fill_value=-1, dimension_names=["image", "top"],
     )
     group.create_array(
         "images/top_prob", shape=(n_images, TOP_PREDICTIONS), chunks=(image_chunk, TOP_PREDICTIONS),
-        dtype="float32", fill_value=0,
+        dtype="float32", fill_value=0, dimension_names=["image", "top"],
     )
-    group.create_array("extract/shard_done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False)
+    group.create_array(
+        "extract/shard_done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False, dimension_names=["shard"]
+    )
 
     group.attrs.update(
         {
