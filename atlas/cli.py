@@ -278,3 +278,7 @@ try:
     main.add_command(_explain_command)
 except ImportError as _error:  # the explain module is optional at import time
     logger.debug("atlas explain unavailable: %s", _error)
+
+
+if __name__ == "__main__":
+    main()

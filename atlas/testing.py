@@ -49,3 +49,24 @@ def make_images(folder: str | Path, count: int, size: int = 64, seed: int = 0) -
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+class PoisonAbove(nn.Module):
+    """Turns a whole feature map into NaN when its mean exceeds ``threshold`` (to test NaN flagging)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = x.flatten(1).mean(1) > self.threshold
+        return torch.where(bad[:, None, None, None], torch.full_like(x, float("nan")), x)
+
+
+def save_poisoned_model(path: str | Path, threshold: float, seed: int = 0) -> str:
+    """Save a TinyNet whose ``layer2`` output is NaN for inputs with a high mean response."""
+    torch.manual_seed(seed)
+    model = TinyNet().eval()
+    model.layer2.append(PoisonAbove(threshold))
+    torch.save(model, path)
+    return f"file:{path}"
