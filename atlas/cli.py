@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,10 +21,15 @@ STAGE_ORDER = ("extract", "index", "project", "grid", "render")
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    if verbose < 2:
+        # Dask sets its loggers' levels from its own config when distributed is
+        # first imported, after this function runs; this variable reaches
+        # worker processes too.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Dask and Bokeh log every connection at INFO; keep their warnings only.
-    for noisy in ("distributed", "bokeh", "tornado", "numba", "matplotlib", "PIL"):
+    for noisy in ("distributed", "bokeh", "tornado", "numba", "matplotlib", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
 

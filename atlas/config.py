@@ -110,21 +110,31 @@ class RenderConfig(_Section):
     """Activation maximization of one icon per grid cell."""
 
     grid_sizes: list[int] | None = None
-    size: int = Field(80, ge=16)
-    steps: int = Field(256, ge=1)
+    # Icon side in pixels. The network input is size + 2 * pad, so the default
+    # 64 gives EfficientNet-Lite0's blocks.4 (stride 16) a 4 x 4 map. Lucid's
+    # `render_icons` defaults to 80 px and 128 steps. 64 px and 64 steps cost
+    # roughly a third of that (measured per step on a CPU), which fits the
+    # CPU demo's time budget.
+    size: int = Field(64, ge=16)
+    steps: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0)
-    batch_size: int = Field(64, ge=1)
+    # Images optimized at once. Small batches are faster per image on a CPU;
+    # raise it on a GPU.
+    batch_size: int = Field(8, ge=1)
     cos_power: float = Field(3.0, ge=0)
     whiten: bool = True
-    pad: int = Field(8, ge=0)
+    # Grey border added around the icon before the transforms. Lucid's recipe
+    # crops back to the icon size, so the network sees no extra border.
+    pad: int = Field(0, ge=0)
+    # Maximum shift in whole pixels per step.
     jitter: int = Field(4, ge=0)
-    # Zoom factors drawn uniformly per step; Lucid's atlas recipe draws 0.998**n for n in 20..39.
+    # Range of the zoom factor drawn uniformly per step. Lucid's atlas recipe draws 0.998**n for n in 20..39.
     scale_range: tuple[float, float] = (0.925, 0.961)
     # Maximum rotation in degrees, drawn uniformly in [-rotation, rotation] per step.
     rotation: float = Field(10.0, ge=0, le=180)
-    # Independent tries per icon; the one with the highest final objective is kept.
+    # Independent tries per icon. The one with the highest final objective is kept.
     attempts: int = Field(1, ge=1)
-    # Longest side of the mosaic PNG in pixels; icons are shrunk to fit.
+    # Maximum side length of the mosaic PNG in pixels. Icons are shrunk to fit.
     mosaic_max_px: int = Field(4096, ge=16)
     seed: int = 0
 
