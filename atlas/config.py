@@ -109,7 +109,7 @@ class GridConfig(_Section):
 class RenderConfig(_Section):
     """Activation maximization of one icon per grid cell."""
 
-    grid_sizes: list[int] | None = None
+    grid_sizes: list[int] | None = Field(default_factory=lambda: [20, 40])
     # Icon side in pixels. The network input is size + 2 * pad, so the default
     # 64 gives EfficientNet-Lite0's blocks.4 (stride 16) a 4 x 4 map. Lucid's
     # `render_icons` defaults to 80 px and 128 steps. 64 px and 64 steps cost
@@ -120,7 +120,7 @@ class RenderConfig(_Section):
     lr: float = Field(0.05, gt=0)
     # Images optimized at once. Small batches are faster per image on a CPU;
     # raise it on a GPU.
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
     cos_power: float = Field(3.0, ge=0)
     whiten: bool = True
     # Grey border added around the icon before the transforms. Lucid's recipe

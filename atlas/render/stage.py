@@ -243,8 +243,14 @@ def run_render(
         )
     sizes = sorted(set(config.grid_sizes)) if config.grid_sizes else available
     missing = [size for size in sizes if size not in available]
+    sizes = [size for size in sizes if size in available]
+    if not sizes:
+        raise StoreError(
+            f"none of the grid sizes {missing} is in the store for layer {layer}; it has {available}: "
+            "set render.grid_sizes to some of them, or null for all"
+        )
     if missing:
-        raise StoreError(f"grid sizes {missing} are not in the store for layer {layer}; it has {available}")
+        logger.warning("render: grid sizes %s are not in the store for layer %s; rendering %s", missing, layer, sizes)
 
     record = dict(group.attrs.get("stages", {}).get(f"render:{layer}", {}))
     previous = [] if force else [size for size in record.get("sizes", []) if size in available]

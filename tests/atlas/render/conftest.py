@@ -37,4 +37,4 @@ def tiny_directions(tiny_model: LoadedModel) -> torch.Tensor:
 @pytest.fixture()
 def fast_config() -> RenderConfig:
     """A 16 px, 16-step configuration: TinyNet's stride 4 gives a 4 x 4 map."""
-    return RenderConfig(size=16, pad=0, steps=16, batch_size=4, jitter=1, rotation=5.0, seed=0)
+    return RenderConfig(size=16, pad=0, steps=16, batch_size=4, jitter=1, rotation=5.0, seed=0, grid_sizes=None)

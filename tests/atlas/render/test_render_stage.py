@@ -215,8 +215,13 @@ def test_run_render_sizes(tmp_path: Path, tiny_model: LoadedModel, tiny_directio
 
 
 def test_run_render_rejects_missing_size(store: Path, tiny_model: LoadedModel, fast_config: RenderConfig) -> None:
-    with pytest.raises(StoreError, match=r"grid sizes \[5\] are not in the store for layer layer2; it has \[3\]"):
+    with pytest.raises(StoreError, match=r"none of the grid sizes \[5\] is in the store for layer layer2; it has \[3\]"):
         run_render(store, fast_config.model_copy(update={"grid_sizes": [5]}), model=tiny_model, progress=False)
+
+
+def test_run_render_skips_absent_sizes(store: Path, tiny_model: LoadedModel, fast_config: RenderConfig) -> None:
+    result = run_render(store, fast_config.model_copy(update={"grid_sizes": [3, 5]}), model=tiny_model, progress=False)
+    assert result["sizes"] == [3]
 
 
 def test_run_render_needs_grid_stage(tmp_path: Path, tiny_model: LoadedModel, tiny_directions: torch.Tensor, fast_config: RenderConfig) -> None:
