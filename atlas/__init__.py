@@ -24,7 +24,32 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+# Stage functions load heavy libraries (FAISS, UMAP, captum); import them on first use.
+_LAZY = {
+    "build_index": "atlas.index",
+    "search": "atlas.index",
+    "run_project": "atlas.project",
+    "run_grid": "atlas.grid",
+    "run_render": "atlas.render",
+    "render_directions": "atlas.render",
+    "render_channel": "atlas.render",
+    "query_image": "atlas.query",
+    "explain": "atlas.explain",
+    "open_features": "atlas.features",
+    "store_info": "atlas.inspect",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'atlas' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "AtlasConfig",
     "AtlasError",
     "ConfigError",

@@ -26,7 +26,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         # first imported, after this function runs; this variable reaches
         # worker processes too.
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    level = logging.WARNING if quiet else logging.DEBUG if verbose > 0 else logging.INFO
+    level = logging.INFO
+    if quiet:
+        level = logging.WARNING
+    elif verbose > 0:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Dask and Bokeh log every connection at INFO; keep their warnings only.
     for noisy in ("distributed", "bokeh", "tornado", "numba", "matplotlib", "PIL", "faiss"):

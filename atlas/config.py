@@ -55,7 +55,7 @@ class ExtractConfig(_Section):
 
 
 class ComputeConfig(_Section):
-    """Where jobs run."""
+    """Cluster, workers and device of the jobs."""
 
     scheduler: str | None = None
     n_workers: int = Field(1, ge=1)

@@ -77,7 +77,7 @@ def list_stores(root: str | Path) -> list[dict]:
     """Find the stores under ``root`` (searching at most three folders deep) and summarise each."""
     root = Path(root)
     if not root.exists():
-        raise StoreError(f"{root} does not exist; pass a folder that holds .zarr stores")
+        raise StoreError(f"{root} does not exist; pass a folder that contains .zarr stores")
     found = []
     candidates = [root] if (root / "zarr.json").exists() else []
     for depth in ("*", "*/*", "*/*/*"):

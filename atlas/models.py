@@ -226,7 +226,7 @@ def _load_file(path_text: str, spec: str, device: str) -> LoadedModel:
         module = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(module, nn.Module):
         raise ModelError(
-            f"{path} holds a {type(module).__name__}, not a model; save the whole module "
+            f"{path} contains a {type(module).__name__}, not a model; save the whole module "
             "(torch.save(model) or torch.jit.save), not its state dict"
         )
     transform = transforms.Compose(

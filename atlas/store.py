@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     Raises
     ------
     StoreError
-        The path holds no feature store.
+        The path contains no feature store.
     """
     try:
         group = zarr.open_group(str(path), mode=mode)
@@ -83,7 +82,7 @@ def create_store(
 ) -> zarr.Group:
     """Create an empty store with every extraction array pre-sized.
 
-    Row ``i * rows_per_image + j`` holds sample ``j`` of image ``i``, so each
+    Row ``i * rows_per_image + j`` is sample ``j`` of image ``i``, so each
     shard of ``shard_size`` images owns one chunk of every per-row array.
     """
     group = zarr.open_group(str(path), mode="w")
@@ -177,10 +176,10 @@ def default_layer(group: zarr.Group, layer: str | None) -> str:
     layers = list(group.attrs.get("layers", []))
     if layer is None:
         if not layers:
-            raise StoreError("the store holds no layers; run `atlas extract` first")
+            raise StoreError("the store contains no layers; run `atlas extract` first")
         return layers[0]
     if layer not in layers:
-        raise StoreError(f"layer {layer!r} is not in the store; it holds {layers}")
+        raise StoreError(f"layer {layer!r} is not in the store; it contains {layers}")
     return layer
 
 
@@ -232,15 +231,3 @@ def sidecar_path(store_path: str | Path, name: str) -> Path:
     folder = path / "sidecar"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
-
-
-@contextmanager
-def opened(path: str | Path, mode: str = "r") -> Iterator[zarr.Group]:
-    """Open a store for the duration of a ``with`` block."""
-    group = open_store(path, mode)
-    try:
-        yield group
-    finally:
-        # Zarr v3 local stores hold no open file handles between calls; this
-        # block exists so callers release the group deterministically.
-        del group
