@@ -6,7 +6,7 @@ import argparse
 import importlib
 import logging
 
-BENCHMARKS = ("extract", "demo")
+BENCHMARKS = ("extract", "demo", "explorer")
 
 
 def main() -> None:

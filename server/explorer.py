@@ -525,14 +525,15 @@ class Explorer:
     def _start_upload(self) -> None:
         self.upload_pending = False
         value = self.file_input.value
+        if not value and not self.file_input.filename:
+            # A cancelled file chooser clears the input, so keep the shown upload and its pending explanations.
+            return
         filename = display_name(self.file_input.filename)
         self.upload_token += 1
         token = self.upload_token
         self.tabs.active = 1
         if not value:
-            # An empty value is either a cleared input or a zero-byte file.
-            if self.file_input.filename:
-                self._upload_error(f"could not use {filename}: the file is empty (0 bytes); choose an image file")
+            self._upload_error(f"could not use {filename}: the file is empty (0 bytes); choose an image file")
             return
         self.upload_message.text = message_html(f"Searching the atlas for {filename}…", "busy")
         store, layer = self.store, self.layer_name

@@ -7,6 +7,7 @@ which serves the built store twice (stores 0 and 1).
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,35 @@ def test_bad_uploads_keep_session_working(page, running_server, built_store: Bui
     file_input.set_input_files(built_store.image_paths[2])
     wait_for_text(page, "upload_panel", "Nearest dataset patches")
     assert "message info" in model_text(page, "upload_message")
+
+
+
+def test_cancelled_file_chooser_keeps_results(page, running_server, built_store: BuiltStore, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    open_explorer(page, running_server.url)
+    file_input = page.locator("input[type=file]")
+    first, second = built_store.image_paths[11], built_store.image_paths[2]
+    file_input.set_input_files(first)
+    wait_for_text(page, "upload_panel", "Nearest dataset patches", Path(first).name)
+    message = model_text(page, "upload_message")
+
+    # Cancelling the chooser empties the input, so Bokeh sends an empty value and file name.
+    with page.expect_file_chooser() as chooser:
+        file_input.click()
+    chooser.value.set_files([])
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('upload').filename === ''")
+    # Give the server's callbacks of the empty value time to run before checking the page.
+    page.wait_for_timeout(500)
+    assert model_text(page, "upload_message") == message
+    assert Path(first).name in model_text(page, "upload_panel")
+    # The explanations of the first upload still arrive after the cancel.
+    wait_for_text(page, "upload_panel", "Grad-CAM: ", "Saliency: ")
+
+    file_input.set_input_files(second)
+    wait_for_text(page, "upload_panel", "Nearest dataset patches", Path(second).name)
+    assert "message info" in model_text(page, "upload_message")
+    problems = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not problems, "\n".join(record.getMessage() for record in problems)
 
 
 def test_wheel_zoom_switches_grid(page, running_server, built_store: BuiltStore) -> None:
