@@ -2,8 +2,10 @@
 
 Every source becomes an ordered list of item strings. The list order fixes
 each image's row in the store, so a rerun over the same source writes the
-same rows. Items are file paths, or ``sample:<photo>/<crop>`` for the sample
-set, which :func:`open_image` turns back into the same crop every time.
+same rows. Items are file paths, fsspec URLs (``file://``, ``memory://``, or
+any protocol whose fsspec backend is installed), or ``sample:<photo>/<crop>``
+for the sample set, which :func:`open_image` turns back into the same crop
+every time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -26,6 +28,9 @@ from atlas.images import IMAGE_SUFFIXES, decode_image
 logger = logging.getLogger(__name__)
 
 SAMPLE_PREFIX = "sample:"
+URL_SEPARATOR = "://"
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
+GLOB_CHARACTERS = "*?["
 SAMPLE_CROP_SIZE = 256
 
 # Real photographs shipped inside installed packages (package, path inside it).
@@ -135,7 +140,8 @@ def open_image(item: str, seed: int = 0, min_scale: float = 0.08) -> Image.Image
     """Decode an item string into an RGB image.
 
     ``sample:`` items are rebuilt from their photo and crop number (resized to
-    256 px square); anything else is decoded as a file.
+    256 px square). URLs are read whole through ``fsspec.open`` and then
+    decoded. Anything else is decoded as a file.
 
     Raises
     ------
@@ -148,7 +154,32 @@ def open_image(item: str, seed: int = 0, min_scale: float = 0.08) -> Image.Image
         box = sample_crop_box(source.width, source.height, crop, seed, min_scale, photo)
         region = source.crop((box.left, box.top, box.left + box.width, box.top + box.height))
         return region.resize((SAMPLE_CROP_SIZE, SAMPLE_CROP_SIZE), Image.Resampling.BICUBIC)
+    if is_url(item):
+        return decode_image(_read_url(item), name=item)
     return decode_image(item)
+
+
+def is_url(item: str) -> bool:
+    """Return whether an item or source is an fsspec URL such as ``memory://images/a.png``."""
+    return URL_SEPARATOR in item
+
+
+def _read_url(url: str) -> bytes:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError as error:
+        raise ImageDecodeError("file not found") from error
+    except IsADirectoryError as error:
+        raise ImageDecodeError("the URL is a folder, not a file") from error
+    except ImportError as error:
+        raise ImageDecodeError(f"the fsspec backend for this URL is not installed ({error})") from error
+    except ValueError as error:
+        raise ImageDecodeError(f"invalid URL: {error}") from error
+    except OSError as error:
+        raise ImageDecodeError(f"cannot read file: {error}") from error
 
 
 def _walk_folder(folder: Path) -> list[str]:
@@ -161,6 +192,54 @@ def _walk_folder(folder: Path) -> list[str]:
     return items
 
 
+def _url_filesystem(source: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(source)
+    except ImportError as error:
+        raise ConfigError(
+            f"image source {source!r} needs an fsspec backend that is not installed ({error}); install it or copy the images to a local folder"
+        ) from error
+    except ValueError as error:
+        raise ConfigError(f"image source {source!r} is not a valid fsspec URL ({error}); use e.g. file:///data/images") from error
+
+
+def _list_url(source: str) -> list[str]:
+    """List a URL source the way :func:`list_items` lists a local one; items come back as URLs."""
+    fs, path = _url_filesystem(source)
+    if any(char in path for char in GLOB_CHARACTERS):
+        matches = fs.glob(path, detail=True)
+        return [fs.unstrip_protocol(name) for name in sorted(matches) if matches[name]["type"] == "file"]
+    if fs.isdir(path):
+        # Same order as _walk_folder: each folder's files sorted, then its sub-folders sorted.
+        found = []
+        for root, dirs, files in fs.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(fs.unstrip_protocol(f"{root.rstrip('/')}/{name}"))
+        return found
+    if fs.isfile(path) and PurePosixPath(path).suffix.lower() in LIST_SUFFIXES:
+        folder = str(PurePosixPath(path).parent)
+        items = []
+        for line in fs.cat_file(path).decode().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if is_url(line):
+                items.append(line)
+            else:
+                entry = line if line.startswith("/") else f"{folder.rstrip('/')}/{line}"
+                items.append(fs.unstrip_protocol(entry))
+        return items
+    if fs.isfile(path):
+        return [source]
+    raise ConfigError(
+        f"image source {source!r} not found; pass a URL of a folder, a glob pattern, a .txt list or an image file"
+    )
+
+
 def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
     """List the image items of a source.
 
@@ -170,7 +249,9 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
         ``sample``; a folder (searched recursively for common image
         suffixes); a glob pattern (``**`` allowed); or a ``.txt``/``.lst``
         file with one path per line (relative paths resolve against the
-        file's folder).
+        file's folder). Each of these may also be an fsspec URL
+        (``memory://images``, ``file:///data/**/*.jpg``); its items are
+        then URLs too.
 
     Raises
     ------
@@ -180,16 +261,22 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
     if source == "sample":
         return sample_items(crops_per_photo)
     path = Path(source).expanduser()
-    if path.is_dir():
+    if is_url(source):
+        items = _list_url(source)
+    elif path.is_dir():
         items = _walk_folder(path)
-    elif path.is_file() and path.suffix.lower() in {".txt", ".lst"}:
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         items = []
         for line in path.read_text().splitlines():
             line = line.strip()
-            if line and not line.startswith("#"):
-                entry = Path(line).expanduser()
-                items.append(str(entry if entry.is_absolute() else path.parent / entry))
-    elif any(char in source for char in "*?["):
+            if not line or line.startswith("#"):
+                continue
+            if is_url(line):
+                items.append(line)
+                continue
+            entry = Path(line).expanduser()
+            items.append(str(entry if entry.is_absolute() else path.parent / entry))
+    elif any(char in source for char in GLOB_CHARACTERS):
         items = sorted(glob.glob(str(path), recursive=True))
     elif path.is_file():
         items = [str(path)]

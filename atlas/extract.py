@@ -100,7 +100,12 @@ def sample_positions(image_row: int, positions: str, per_image: int, height: int
 
 
 def probe_layer_shapes(model: LoadedModel, layers: list[str]) -> dict[str, list[int]]:
-    """Run one blank input to learn each layer's (C, h, w) at the model's input size."""
+    """Run one blank input to learn each layer's (C, h, w) at the model's input size.
+
+    The result keeps the order of ``layers``, not the order the hooks fire in,
+    because the store lists its layers in this order and the first one is the
+    primary layer.
+    """
     from atlas.capture import forward_to
 
     height, width = model.input_size
@@ -108,7 +113,8 @@ def probe_layer_shapes(model: LoadedModel, layers: list[str]) -> dict[str, list[
     with torch.no_grad():
         outputs = forward_to(model.module, blank, layers)
     shapes = {}
-    for name, tensor in outputs.items():
+    for name in layers:
+        tensor = outputs[name]
         if tensor.dim() != 4:
             raise ValueError(f"layer {name} outputs shape {tuple(tensor.shape)}; pick a convolutional layer with (B, C, h, w) output")
         shapes[name] = [int(tensor.shape[1]), int(tensor.shape[2]), int(tensor.shape[3])]

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from atlas.errors import ImageDecodeError
 
@@ -27,6 +27,9 @@ MAX_PIXELS = 89_478_485
 MIN_SIDE = 8
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 BACKGROUND = (255, 255, 255)
+ORIENTATION_TAG = 0x0112
+# IFD0 tags that point to the Exif and GPS sub-IFDs.
+_SUB_IFDS = {0x8769: "Exif", 0x8825: "GPS"}
 
 
 def _to_uint8(pixels: np.ndarray, bits: int | None) -> np.ndarray:
@@ -44,12 +47,51 @@ def _to_uint8(pixels: np.ndarray, bits: int | None) -> np.ndarray:
     return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
+def _exif_defect(exif: Image.Exif) -> str | None:
+    """Return why an EXIF block is malformed, or ``None`` when it is well formed.
+
+    Malformed means: the Exif or GPS sub-IFD is empty or unreadable, or a
+    rational in IFD0, Exif or GPS has a zero denominator. Some older Pillow
+    releases raise inside ``exif_transpose`` on such blocks, and Pillow 13.0
+    rotates them. Checking here gives the same result with either.
+    """
+    ifds = {"IFD0": dict(exif)}
+    for tag, ifd_name in _SUB_IFDS.items():
+        if tag not in exif:
+            continue
+        with warnings.catch_warnings():
+            # Pillow warns "Corrupt EXIF data" and returns {} for an unreadable IFD.
+            warnings.simplefilter("ignore", UserWarning)
+            entries = exif.get_ifd(tag)
+        if not entries:
+            return f"the {ifd_name} IFD is empty or unreadable"
+        ifds[ifd_name] = dict(entries)
+    for ifd_name, entries in ifds.items():
+        for tag, value in entries.items():
+            values = value if isinstance(value, tuple) else (value,)
+            for item in values:
+                if isinstance(item, TiffImagePlugin.IFDRational) and item.denominator == 0:
+                    return f"tag 0x{tag:04x} in {ifd_name} is a rational with a zero denominator"
+    return None
+
+
 def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
+    """Rotate or flip the image to its EXIF Orientation, unless the EXIF block is malformed.
+
+    NOTE: a malformed block is ignored as a whole, so a photo whose Orientation
+    tag is intact but whose GPS IFD holds 0/0 rationals stays unrotated.
+    """
     try:
-        return ImageOps.exif_transpose(image)
+        exif = image.getexif()
+        if exif.get(ORIENTATION_TAG, 1) in {1, None}:
+            return image
+        defect = _exif_defect(exif)
+        if defect is None:
+            return ImageOps.exif_transpose(image)
     except (ValueError, TypeError, KeyError, ZeroDivisionError, SyntaxError, OSError, struct.error) as error:
-        logger.warning("ignoring malformed EXIF in %s (%s); using the image unrotated", name, error)
-        return image
+        defect = str(error)
+    logger.warning("ignoring malformed EXIF in %s (%s); using the image unrotated", name, defect)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -71,6 +71,9 @@ def patch_for_row(group: zarr.Group, row: int, size: int = 96, layer: str | None
         Activation row.
     size
         Output side in pixels.
+    layer
+        Layer whose cell the patch is centred on and sized by; the primary
+        layer when omitted.
 
     Raises
     ------
@@ -85,8 +88,14 @@ def patch_for_row(group: zarr.Group, row: int, size: int = 96, layer: str | None
     path = str(group["images/path"][image_row])
     y, x = int(group["samples/y"][row]), int(group["samples/x"][row])
     attrs = group.attrs
-    layer = layer or attrs["layers"][0]
+    primary = attrs["layers"][0]
+    layer = layer or primary
     _, layer_h, layer_w = attrs["layer_shapes"][layer]
+    # samples/y and samples/x index the primary layer's map. Extraction stores an
+    # extra layer's vector from the same relative position, so map them the same way.
+    _, primary_h, primary_w = attrs["layer_shapes"][primary]
+    y = (y * layer_h) // primary_h
+    x = (x * layer_w) // primary_w
     sample = attrs.get("config", {}).get("sample", {})
     try:
         view = _cached_view(path, _preprocessing_key(attrs["preprocessing"]), int(sample.get("seed", 0)), float(sample.get("min_scale", 0.08)))

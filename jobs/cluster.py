@@ -54,7 +54,8 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
                 threads_per_worker=config.threads_per_worker,
                 processes=config.processes,
                 memory_limit=config.memory_limit or "auto",
-                dashboard_address=":0" if config.dashboard else None,
+                # Local only; port 0 avoids clashing with another cluster on 8787.
+                dashboard_address="127.0.0.1:0",
             )
         client = Client(cluster)
     if client.dashboard_link and (config.dashboard or config.scheduler):

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import io
+import uuid
+
+import fsspec
 import numpy as np
 import pytest
+from PIL import Image
 
 from atlas.datasets import SAMPLE_PHOTOS, available_sample_photos, fingerprint, list_items, open_image, sample_crop_box
-from atlas.errors import ConfigError
+from atlas.errors import ConfigError, ImageDecodeError
 
 
 def test_sample_photos_all_installed():
@@ -56,3 +61,75 @@ def test_missing_and_empty_sources(tmp_path):
 def test_fingerprint_changes_with_order():
     assert fingerprint(["a", "b"]) != fingerprint(["b", "a"])
     assert fingerprint(["a", "b"]) == fingerprint(["a", "b"])
+
+
+def _png_bytes(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh folder on fsspec's process-wide memory filesystem, removed afterwards."""
+    fs = fsspec.filesystem("memory")
+    root = f"/atlas-test-{uuid.uuid4().hex}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_url_folder_recursive_sorted(memory_root):
+    fs, root = memory_root
+    for name in ["b/z.JPG", "a.png", "b/c.webp", "b/d/e.png", "skip.txt"]:
+        fs.pipe(f"{root}/{name}", b"x")
+    items = list_items(f"memory://{root}")
+    expected = ["a.png", "b/c.webp", "b/z.JPG", "b/d/e.png"]
+    assert items == [f"memory://{root}/{name}" for name in expected]
+
+
+def test_file_url_matches_plain_folder(tmp_path):
+    (tmp_path / "b" / "d").mkdir(parents=True)
+    for name in ["b/z.JPG", "a.png", "b/c.webp", "b/d/e.png", "skip.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    plain = list_items(str(tmp_path))
+    assert list_items(f"file://{tmp_path}") == [f"file://{item}" for item in plain]
+
+
+def test_url_glob_and_list_file(memory_root):
+    fs, root = memory_root
+    for name in ["x.png", "sub/y.png", "sub/w.jpg"]:
+        fs.pipe(f"{root}/{name}", b"x")
+    assert list_items(f"memory://{root}/**/*.png") == [f"memory://{root}/sub/y.png", f"memory://{root}/x.png"]
+    assert list_items(f"memory://{root}/*.png") == [f"memory://{root}/x.png"]
+
+    fs.pipe(f"{root}/list.txt", f"# comment\nx.png\n\n{root}/sub/w.jpg\nfile:///data/q.png\n".encode())
+    assert list_items(f"memory://{root}/list.txt") == [
+        f"memory://{root}/x.png",
+        f"memory://{root}/sub/w.jpg",
+        "file:///data/q.png",
+    ]
+
+
+def test_url_sources_missing_or_invalid(memory_root):
+    fs, root = memory_root
+    with pytest.raises(ConfigError, match="not found"):
+        list_items(f"memory://{root}/nothing")
+    fs.pipe(f"{root}/notes.txt.bak", b"x")
+    with pytest.raises(ConfigError, match="holds no image files"):
+        list_items(f"memory://{root}")
+    with pytest.raises(ConfigError, match="not a valid fsspec URL"):
+        list_items("nosuchprotocol://bucket/images")
+
+
+def test_open_image_from_url(memory_root):
+    fs, root = memory_root
+    fs.pipe(f"{root}/red.png", _png_bytes((200, 10, 30)))
+    fs.pipe(f"{root}/broken.png", b"not a png")
+    image = open_image(f"memory://{root}/red.png")
+    assert image.size == (16, 12)
+    assert np.asarray(image)[5, 5].tolist() == [200, 10, 30]
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        open_image(f"memory://{root}/missing.png")
+    with pytest.raises(ImageDecodeError, match="not an image file"):
+        open_image(f"memory://{root}/broken.png")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import struct
 
 import numpy as np
 import pytest
@@ -90,12 +92,105 @@ def test_bytes_input_and_empty_bytes():
         decode_image(b"")
 
 
-def test_malformed_exif_loads_unrotated(tmp_path, caplog):
-    image = Image.new("RGB", (30, 20), (0, 128, 0))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x8825] = {}  # an empty GPS IFD beside the Orientation tag
-    image.save(tmp_path / "gps.jpg", exif=exif)
-    decoded = decode_image(tmp_path / "gps.jpg")
-    assert decoded.size in {(30, 20), (20, 30)}
+# TIFF field type codes.
+BYTE, SHORT, LONG, RATIONAL = 1, 3, 4, 5
+GPS_POINTER = 0x8825
+
+
+def _ifd(entries: list[tuple[int, int, int, bytes]], start: int) -> bytes:
+    """Pack a little-endian IFD at offset ``start``, with values over 4 bytes stored after it."""
+    data_offset = start + 2 + 12 * len(entries) + 4
+    table = struct.pack("<H", len(entries))
+    data = b""
+    for tag, kind, count, payload in sorted(entries):
+        if len(payload) <= 4:
+            table += struct.pack("<HHI", tag, kind, count) + payload.ljust(4, b"\0")
+        else:
+            table += struct.pack("<HHII", tag, kind, count, data_offset + len(data))
+            data += payload
+    return table + struct.pack("<I", 0) + data
+
+
+def _exif_block(ifd0: list[tuple[int, int, int, bytes]], gps: list | None = None, gps_offset: int | None = None) -> bytes:
+    """Build an APP1 EXIF payload by hand, so it can hold what Pillow's writer would not.
+
+    ``gps`` adds a GPS IFD after IFD0, and an empty list gives an IFD with zero
+    entries. ``gps_offset`` instead points the GPS tag at an arbitrary offset.
+    """
+    entries = list(ifd0)
+    if gps is not None or gps_offset is not None:
+        entries.append((GPS_POINTER, LONG, 1, struct.pack("<I", 0)))
+    first = _ifd(entries, 8)
+    blocks = b""
+    if gps is not None:
+        gps_offset = 8 + len(first)
+        blocks = _ifd(gps, gps_offset)
+    if gps_offset is not None:
+        entries[-1] = (GPS_POINTER, LONG, 1, struct.pack("<I", gps_offset))
+        first = _ifd(entries, 8)
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + first + blocks
+
+
+def _write_red_blue_jpeg(path, exif: bytes) -> None:
+    """A 40x20 JPEG, red left half and blue right half, with the given raw EXIF block."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+ORIENTATION_6 = (0x0112, SHORT, 1, struct.pack("<H", 6))
+GPS_VERSION = (0x0000, BYTE, 4, bytes([2, 3, 0, 0]))
+
+
+def _xresolution(numerator: int, denominator: int) -> tuple[int, int, int, bytes]:
+    return (0x011A, RATIONAL, 1, struct.pack("<II", numerator, denominator))
+
+
+@pytest.mark.parametrize(
+    ("ifd0", "gps", "gps_offset", "reason"),
+    [
+        ([ORIENTATION_6, _xresolution(1, 0)], None, None, "zero denominator"),
+        ([ORIENTATION_6, _xresolution(72, 1)], [], None, "GPS IFD is empty"),
+        ([ORIENTATION_6], None, 50_000, "GPS IFD is empty or unreadable"),
+        ([ORIENTATION_6, _xresolution(72, 1)], [GPS_VERSION, (0x0002, RATIONAL, 1, struct.pack("<II", 0, 0))], None, "zero denominator"),
+    ],
+    ids=["xresolution-1-over-0", "empty-gps-ifd", "gps-offset-past-end", "gps-rational-0-over-0"],
+)
+def test_malformed_exif_loads_unrotated(tmp_path, caplog, ifd0, gps, gps_offset, reason):
+    path = tmp_path / "bad_exif.jpg"
+    _write_red_blue_jpeg(path, _exif_block(ifd0, gps, gps_offset))
+    # The file really carries Orientation 6, so rotation was possible.
+    with Image.open(path) as opened:
+        assert opened.getexif().get(0x0112) == 6
+
+    with caplog.at_level(logging.WARNING, logger="atlas.images"):
+        decoded = decode_image(path)
     assert decoded.mode == "RGB"
+    assert decoded.size == (40, 20)
+    pixels = np.asarray(decoded).astype(int)
+    assert pixels[10, 5, 0] > 200
+    assert pixels[10, 5, 2] < 60
+    assert pixels[10, 35, 2] > 200
+    assert pixels[10, 35, 0] < 60
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "malformed EXIF" in message
+    assert str(path) in message
+    assert reason in message
+
+
+def test_wellformed_handmade_exif_rotated(tmp_path, caplog):
+    path = tmp_path / "good_exif.jpg"
+    _write_red_blue_jpeg(path, _exif_block([ORIENTATION_6, _xresolution(72, 1)], [GPS_VERSION]))
+    with caplog.at_level(logging.WARNING, logger="atlas.images"):
+        decoded = decode_image(path)
+    # Orientation 6 turns the 40x20 image upright: red on top, blue at the bottom.
+    assert decoded.size == (20, 40)
+    pixels = np.asarray(decoded).astype(int)
+    assert pixels[2, 10, 0] > 200
+    assert pixels[2, 10, 2] < 60
+    assert pixels[37, 10, 2] > 200
+    assert pixels[37, 10, 0] < 60
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
