@@ -166,8 +166,9 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
                 )
                 for shard in todo
             ]
+            n_todo_images = sum(min(settings.shard_size, len(items) - shard * settings.shard_size) for shard in todo)
             bar = tqdm(total=len(items), unit="img", disable=not show, desc="extract")
-            bar.update(len(items) - sum(min(settings.shard_size, len(items) - shard * settings.shard_size) for shard in todo))
+            bar.update(len(items) - n_todo_images)
             for future in as_completed(futures):
                 result = future.result()
                 bar.update(result.n_images)
@@ -187,7 +188,8 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             "n_nonfinite_rows": int(n_ok * per_row - valid.sum()),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        summary["images_per_second"] = round(len(todo and items) / max(summary["seconds"], 1e-9), 2)
+        # Images processed by this run only: resumed shards do not count.
+        summary["images_per_second"] = round(n_todo_images / max(summary["seconds"], 1e-9), 2)
         reasons = Counter(reason for reason in status if reason != "ok")
         for reason, count in reasons.most_common(5):
             logger.warning("extract: %d images rejected: %s", count, reason)

@@ -118,3 +118,16 @@ def test_duplicate_paths_recorded(tiny_spec, image_folder, tmp_path):
     info = store_info(config.store)
     assert info["rejected"][0]["row"] == 1
     assert "duplicate" in info["rejected"][0]["reason"]
+
+
+def test_summary_counts_this_run_only(tiny_spec, image_folder, tmp_path):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
+    full = run_extract(config, progress=False)
+    assert full["images_per_second"] == pytest.approx(20 / full["seconds"], rel=0.02)
+
+    group = open_store(config.store, mode="r+")
+    group["extract/shard_done"][4] = False  # the last shard: images 16..19
+    group.attrs["stages"] = {}
+    resumed = run_extract(config, progress=False)
+    assert resumed["images_per_second"] == pytest.approx(4 / resumed["seconds"], rel=0.02)
+    assert resumed["n_ok"] == 20
