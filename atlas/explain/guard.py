@@ -153,6 +153,9 @@ def _snapshot(model: nn.Module) -> _Snapshot:
 
 
 def _restore(model: nn.Module, snapshot: _Snapshot) -> None:
+    # NOTE: not thread-safe. Hooks that another thread adds to the same model
+    # during the call are removed too, so callers sharing a model serialise
+    # explanations with its other uses (the explorer holds one model lock).
     # Hooks a method forgot to remove would fire on every later call of the caller's model.
     leaked = 0
     for (module, name), before in snapshot.hooks.items():

@@ -17,6 +17,7 @@ from PIL import Image
 
 from atlas.config import ServeConfig
 from atlas.query import query_image
+from server.state import MODEL_LOCK
 from server import state
 from tests.server.store_builder import CLASS_NAMES, BuiltStore
 
@@ -195,7 +196,10 @@ def test_upload_highlights_cells_and_patches(page, running_server, built_store: 
     wait_for_text(page, "upload_panel", "Nearest dataset patches")
 
     size = built_store.sizes[0]
-    expected = query_image(built_store.path, Image.open(photo).convert("RGB"), k=10).cells[size]
+    # The server explains the upload in a background thread on the same cached
+    # model, so this direct query takes the server's model lock as the server does.
+    with MODEL_LOCK:
+        expected = query_image(built_store.path, Image.open(photo).convert("RGB"), k=10).cells[size]
     query_data = page.evaluate(
         "() => { const d = Bokeh.documents[0].get_model_by_name('query_cells').data_source.data;"
         " return {x: Array.from(d.x), y: Array.from(d.y), label: Array.from(d.label)} }"
