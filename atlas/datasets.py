@@ -285,7 +285,7 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
             f"image source {source!r} not found; pass `sample`, a folder, a glob pattern or a .txt list of paths"
         )
     if not items:
-        raise ConfigError(f"image source {source!r} holds no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ConfigError(f"image source {source!r} contains no image files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
 
 

@@ -39,7 +39,7 @@ def _to_uint8(pixels: np.ndarray, bits: int | None) -> np.ndarray:
         return np.round(pixels * (255.0 / (2**bits - 1))).astype(np.uint8)
     low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
     if not np.isfinite(low) or not np.isfinite(high):
-        raise ImageDecodeError("image holds NaN or infinite pixel values")
+        raise ImageDecodeError("invalid pixel values: the image contains NaN or infinity")
     if high <= 255 and low >= 0:
         return np.round(pixels).astype(np.uint8)
     if high == low:

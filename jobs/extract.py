@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas.config import AtlasConfig
-from atlas.datasets import fingerprint, list_items
+from atlas.datasets import fingerprint, is_url, list_items
 from atlas.errors import ConfigError, StoreError
 from atlas.extract import ExtractSettings, cached_model, probe_layer_shapes, process_shard, rows_per_image
 from atlas.store import clear_stage, create_store, mark_stage, open_store, read_strings, stage_done
@@ -108,7 +108,8 @@ def _duplicate_reasons(items: list[str]) -> dict[int, str]:
     first_seen: dict[str, int] = {}
     reasons = {}
     for row, item in enumerate(items):
-        key = str(Path(item).resolve()) if not item.startswith("sample:") else item
+        # Local paths compare after resolving links; sample items and URLs compare as text.
+        key = item if item.startswith("sample:") or is_url(item) else str(Path(item).resolve())
         if key in first_seen:
             reasons[row] = f"duplicate path: same file as image row {first_seen[key]}"
         else:

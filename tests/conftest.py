@@ -51,7 +51,7 @@ def tiny_config(tiny_spec: str, images: str | Path, store: str | Path, *override
 
 
 def write_exif_rotated_jpeg(path: Path) -> None:
-    """A 40x20 JPEG whose EXIF Orientation (6) says: rotate 90 degrees clockwise to display."""
+    """A 40x20 JPEG with EXIF Orientation 6: displayed after a 90-degree clockwise rotation."""
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20] = (255, 0, 0)
     pixels[:, 20:] = (0, 0, 255)

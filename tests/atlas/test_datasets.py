@@ -30,8 +30,10 @@ def test_sample_items_deterministic():
 def test_crop_box_inside_photo():
     for crop in range(1, 50):
         box = sample_crop_box(451, 300, crop, seed=0, min_scale=0.08, photo="chelsea")
-        assert 0 <= box.left and box.left + box.width <= 451
-        assert 0 <= box.top and box.top + box.height <= 300
+        assert box.left >= 0
+        assert box.left + box.width <= 451
+        assert box.top >= 0
+        assert box.top + box.height <= 300
         assert box.width * box.height >= 0.05 * 451 * 300
 
 
@@ -54,7 +56,7 @@ def test_list_file_and_glob(tmp_path):
 def test_missing_and_empty_sources(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         list_items(str(tmp_path / "nothing"))
-    with pytest.raises(ConfigError, match="holds no image files"):
+    with pytest.raises(ConfigError, match="contains no image files"):
         list_items(str(tmp_path))
 
 
@@ -116,7 +118,7 @@ def test_url_sources_missing_or_invalid(memory_root):
     with pytest.raises(ConfigError, match="not found"):
         list_items(f"memory://{root}/nothing")
     fs.pipe(f"{root}/notes.txt.bak", b"x")
-    with pytest.raises(ConfigError, match="holds no image files"):
+    with pytest.raises(ConfigError, match="contains no image files"):
         list_items(f"memory://{root}")
     with pytest.raises(ConfigError, match="not a valid fsspec URL"):
         list_items("nosuchprotocol://bucket/images")

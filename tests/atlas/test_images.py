@@ -39,8 +39,10 @@ def test_exif_rotation_applied(tmp_path):
     # Stored 40 wide x 20 high with red left, blue right; orientation 6 turns it upright.
     assert decoded.size == (20, 40)
     pixels = np.asarray(decoded).astype(int)
-    assert pixels[2, 10, 0] > 200 and pixels[2, 10, 2] < 60
-    assert pixels[37, 10, 2] > 200 and pixels[37, 10, 0] < 60
+    assert pixels[2, 10, 0] > 200
+    assert pixels[2, 10, 2] < 60
+    assert pixels[37, 10, 2] > 200
+    assert pixels[37, 10, 0] < 60
 
 
 def test_transparent_composited_on_white(tmp_path):

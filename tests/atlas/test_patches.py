@@ -27,7 +27,8 @@ def test_patch_centered_on_position():
     patch = np.asarray(patch_around(Image.fromarray(pixels), 5, 9, (14, 14), size=64))
     bright = np.argwhere(patch[..., 0] > 128)
     center = bright.mean(0)
-    assert abs(center[0] - 31.5) < 2 and abs(center[1] - 31.5) < 2
+    assert abs(center[0] - 31.5) < 2
+    assert abs(center[1] - 31.5) < 2
 
 
 def test_patch_at_border_padded_grey():

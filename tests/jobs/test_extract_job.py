@@ -24,7 +24,8 @@ ARRAYS = [
 def test_rows_match_direct_forward(tiny_spec, image_folder, tmp_path):
     config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
     summary = run_extract(config, progress=False)
-    assert summary["n_ok"] == 20 and summary["n_rejected"] == 0
+    assert summary["n_ok"] == 20
+    assert summary["n_rejected"] == 0
     group = open_store(config.store)
     assert group["activations/layer2"].shape == (20 * 6, 16)
 
