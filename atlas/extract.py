@@ -121,6 +121,27 @@ def probe_layer_shapes(model: LoadedModel, layers: list[str]) -> dict[str, list[
     return shapes
 
 
+def describe_model(spec: str, layers: list[str], device: str = "cpu") -> dict:
+    """Return what the store records about a model: layer shapes, preprocessing and class names.
+
+    Runs where the shards run (a Dask worker), so the model is loaded once, in
+    the process that needs it anyway, and never in the job's driver.
+    """
+    model = cached_model(spec, device)
+    return {
+        "layer_shapes": probe_layer_shapes(model, layers),
+        "preprocessing": model.preprocessing_info(),
+        "class_names": list(model.class_names),
+    }
+
+
+def peak_memory_mib() -> float:
+    """Return this process's peak resident memory in MiB (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _LayerTap:
     """Forward hooks that keep the layers' outputs; the primary one becomes a gradient leaf.
 

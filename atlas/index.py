@@ -164,6 +164,30 @@ def _train(index: faiss.Index, vectors: np.ndarray) -> None:
         ivf.clustering_index = None
 
 
+def training_rows(rows: np.ndarray, config: IndexConfig) -> np.ndarray:
+    """Return the seeded, sorted sample of ``config.train_size`` rows that an index is trained on."""
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(rows, size=min(config.train_size, len(rows)), replace=False))
+
+
+def train_index(index: faiss.Index, training: np.ndarray, config: IndexConfig) -> None:
+    """Train ``index`` on raw activation rows and set its ``nprobe``.
+
+    Parameters
+    ----------
+    training
+        Shape (n, C), any float dtype; rows are L2-normalised on a copy and
+        rows with NaN or inf are dropped.
+    """
+    vectors = normalize_rows(np.array(training, dtype=np.float32, order="C", copy=True))
+    vectors = np.ascontiguousarray(vectors[np.isfinite(vectors).all(axis=1)])
+    if not index.is_trained:
+        _train(index, vectors)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(config.nprobe, ivf.nlist)
+
+
 def _write_atomically(index: faiss.Index, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     faiss.write_index(index, str(partial))
@@ -223,12 +247,8 @@ def build_index(store_path: str | Path, config: IndexConfig, layer: str | None =
     if not index.is_trained:
         if n_rows == 0:
             raise StoreError(f"store {store_path} has no valid rows to train a {factory} index on; use a Flat index")
-        rng = np.random.default_rng(config.seed)
-        sample = np.sort(rng.choice(rows, size=min(config.train_size, n_rows), replace=False))
-        training = normalize_rows(read_rows(activations, sample, dtype=np.float32))
-        training = training[np.isfinite(training).all(axis=1)]
-        _train(index, np.ascontiguousarray(training))
-
+        training = read_rows(activations, training_rows(rows, config), dtype=np.float32)
+        train_index(index, training, config)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = min(config.nprobe, ivf.nlist)

@@ -18,6 +18,7 @@ searches and streams in chunks of any size.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 STAGE = "project"
 DOWNSTREAM_STAGES = ("grid", "render")
 CHUNK_ROWS = 65_536
+# Rows per placement task: small enough that every core gets tasks on modest stores.
+PLACE_CHUNK_ROWS = 16_384
 KNN_QUERY_ROWS = 4_096
 # UMAP's spectral initialisation requests n_components + 1 = 3 eigenvectors from scipy,
 # which needs more than 3 points; below this many distinct rows PCA is used instead.
@@ -254,6 +257,57 @@ def place_rows(
     return np.einsum("qk,qkd->qd", weights, fitted_layout[neighbours])
 
 
+def _place_chunk(activations, rows: np.ndarray, index: faiss.Index, fitted: np.ndarray, config: ProjectConfig) -> np.ndarray:
+    values = read_rows(activations, rows)
+    return place_rows(index, fitted, _prepare(values, config.metric), config.place_neighbors, config.metric)
+
+
+def place_in_parallel(
+    activations, rows: np.ndarray, index: faiss.Index, fitted: np.ndarray, config: ProjectConfig
+) -> np.ndarray:
+    """Place store rows from their nearest fitted rows, one Dask task per chunk of rows.
+
+    Each task reads its ``PLACE_CHUNK_ROWS`` rows from the store and searches the
+    index with one FAISS thread; Dask's threaded scheduler runs one task per
+    core, so at most that many chunks are in memory at once.
+
+    Parameters
+    ----------
+    activations
+        The layer's (N, C) activation array in the store.
+    rows
+        Sorted store rows to place, shape (q,).
+    index, fitted
+        Exact index over the fitted vectors and their layout, shape (n_fit, 2).
+
+    Returns
+    -------
+    np.ndarray
+        Shape (q, 2) float64, in the order of ``rows``.
+    """
+    import dask
+    from dask.callbacks import Callback
+
+    starts = range(0, len(rows), PLACE_CHUNK_ROWS)
+    tasks = [
+        dask.delayed(_place_chunk, pure=False)(activations, rows[start : start + PLACE_CHUNK_ROWS], index, fitted, config)
+        for start in starts
+    ]
+    workers = os.cpu_count() or 1
+    logger.info("placing %d rows in %d chunks on %d threads", len(rows), len(tasks), workers)
+    threads = faiss.omp_get_max_threads()
+    # One FAISS thread per task: the parallelism comes from the tasks, not from OpenMP inside each.
+    faiss.omp_set_num_threads(1)
+    bar = tqdm(total=len(tasks), desc="place rows", unit="chunk", disable=None)
+    try:
+        with Callback(posttask=lambda *_args: bar.update(1)):
+            parts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    finally:
+        faiss.omp_set_num_threads(threads)
+        bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, 2))
+
+
 def scale_layout(layout: np.ndarray, clip_percentile: float) -> np.ndarray:
     """Clip each axis to its percentiles and scale it to [0, 1].
 
@@ -369,15 +423,7 @@ def run_project(store_path: str | Path, config: ProjectConfig, layer: str | None
     rest = np.setdiff1d(np.arange(len(distinct)), fit_positions, assume_unique=True)
     if len(rest):
         index = _exact_index(fit_vectors, config.metric)
-        total = -(-len(rest) // CHUNK_ROWS)
-        done = 0
-        for chunk_rows, values in tqdm(
-            iter_row_chunks(activations, distinct[rest], CHUNK_ROWS), total=total, desc="place rows", unit="chunk",
-            disable=None,
-        ):
-            positions = rest[done : done + len(chunk_rows)]
-            layout[positions] = place_rows(index, fitted, _prepare(values, config.metric), config.place_neighbors, config.metric)
-            done += len(chunk_rows)
+        layout[rest] = place_in_parallel(activations, distinct[rest], index, fitted, config)
 
     # Step 3: copy each distinct row's coordinate to its duplicates, then scale to [0, 1].
     coordinates = np.full((n_total, 2), np.nan, np.float32)

@@ -10,7 +10,7 @@ from pathlib import Path
 from atlas.cli import STAGE_ORDER, run_stage
 from atlas.config import load_config
 from atlas.inspect import store_info
-from benchmarks.common import machine, peak_rss_mib, write_section
+from benchmarks.common import machine, peak_rss_mib
 
 
 def run(store: str | None = None) -> dict:
@@ -48,13 +48,3 @@ def report(result: dict) -> str:
 Peak resident memory of the driver process (extraction workers run in their own process): {result['peak_rss_mib']:.0f} MiB.
 Machine: {machine()}.
 """
-
-
-def main() -> None:
-    result = run()
-    write_section("demo", report(result))
-    print(report(result))
-
-
-if __name__ == "__main__":
-    main()

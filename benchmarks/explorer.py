@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from atlas.config import ServeConfig
-from benchmarks.common import machine, write_section
+from benchmarks.common import machine
 
 logger = logging.getLogger(__name__)
 
@@ -189,13 +189,3 @@ def report(result: dict) -> str:
 
 Machine: {machine()}.
 """
-
-
-def main() -> None:
-    result = run()
-    write_section("explorer", report(result))
-    print(report(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,9 @@ import argparse
 import importlib
 import logging
 
-BENCHMARKS = ("extract", "demo", "explorer")
+from benchmarks.common import write_section
+
+BENCHMARKS = ("extract", "extract_scale", "index", "project", "scale", "demo", "explorer")
 
 
 def main() -> None:
@@ -16,11 +18,17 @@ def main() -> None:
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    import distributed  # noqa: F401  (configures its loggers on import; quieted below)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("distributed", "bokeh", "tornado", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in args.names or BENCHMARKS:
-        importlib.import_module(f"benchmarks.{name}").main()
+        # Each module has run() -> result and report(result) -> its Markdown section.
+        module = importlib.import_module(f"benchmarks.{name}")
+        text = module.report(module.run())
+        write_section(name, text)
+        print(text)
 
 
 if __name__ == "__main__":

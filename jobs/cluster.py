@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import dask
 from distributed import Client, LocalCluster
 
 from atlas.config import ComputeConfig
@@ -28,6 +29,20 @@ def _cuda_cluster(config: ComputeConfig):
     return LocalCUDACluster(threads_per_worker=config.threads_per_worker, memory_limit=config.memory_limit or "auto")
 
 
+def _worker_environment() -> dict:
+    """Return Dask's pre-spawn worker environment without ``MALLOC_TRIM_THRESHOLD_``.
+
+    Setting that variable turns off glibc's dynamic mmap threshold (mallopt(3)),
+    so it stays at 128 KiB and every large tensor of a forward pass becomes a
+    fresh mmap with its page faults. Measured on a 2-core CPU, EfficientNet-Lite0
+    ran 30 % slower in a process started with it. Extraction workers keep one
+    model and reuse their buffers, so they do not need the trimming.
+    """
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
 @contextmanager
 def dask_client(config: ComputeConfig) -> Iterator[Client]:
     """Yield a Dask client for the configured cluster and close what was started on exit.
@@ -46,17 +61,18 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
                 "start one with `dask scheduler` or drop --scheduler to use a local cluster"
             ) from error
     else:
-        if config.device == "cuda":
-            cluster = _cuda_cluster(config)
-        else:
-            cluster = LocalCluster(
-                n_workers=config.n_workers,
-                threads_per_worker=config.threads_per_worker,
-                processes=config.processes,
-                memory_limit=config.memory_limit or "auto",
-                # Local only; port 0 avoids clashing with another cluster on 8787.
-                dashboard_address="127.0.0.1:0",
-            )
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environment()}):
+            if config.device == "cuda":
+                cluster = _cuda_cluster(config)
+            else:
+                cluster = LocalCluster(
+                    n_workers=config.n_workers,
+                    threads_per_worker=config.threads_per_worker,
+                    processes=config.processes,
+                    memory_limit=config.memory_limit or "auto",
+                    # Local only; port 0 avoids clashing with another cluster on 8787.
+                    dashboard_address="127.0.0.1:0",
+                )
         client = Client(cluster)
     if client.dashboard_link and (config.dashboard or config.scheduler):
         logger.info("Dask dashboard: %s", client.dashboard_link)

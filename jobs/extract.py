@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import atlas
 from atlas.config import AtlasConfig
 from atlas.datasets import fingerprint, is_url, list_items
 from atlas.errors import ConfigError, StoreError
-from atlas.extract import ExtractSettings, cached_model, probe_layer_shapes, process_shard, rows_per_image
+from atlas.extract import ExtractSettings, describe_model, peak_memory_mib, process_shard, rows_per_image
 from atlas.store import clear_stage, create_store, mark_stage, open_store, read_strings, stage_done
 from jobs.cluster import dask_client, torch_threads_per_task
 from jobs.lock import store_lock
@@ -50,8 +51,15 @@ def _settings(config: AtlasConfig, store: str, layer_shapes: dict[str, list[int]
     )
 
 
-def _prepare_store(config: AtlasConfig, store: str, items: list[str], force: bool) -> dict[str, list[int]]:
-    """Create the store, or check that an existing one belongs to this job; return layer shapes."""
+def _prepare_store(
+    config: AtlasConfig, store: str, items: list[str], force: bool, describe: Callable[[], dict]
+) -> dict[str, list[int]]:
+    """Create the store, or check that an existing one belongs to this job; return layer shapes.
+
+    ``describe`` returns the model's layer shapes, preprocessing and class
+    names (see :func:`atlas.extract.describe_model`); it is called only when a
+    new store is created.
+    """
     digest = config.digest()
     data_print = fingerprint(items)
     if Path(store).exists() and not force:
@@ -67,18 +75,17 @@ def _prepare_store(config: AtlasConfig, store: str, items: list[str], force: boo
                 )
             return dict(group.attrs["layer_shapes"])
 
-    model = cached_model(config.model, config.compute.device if config.compute.device == "cpu" else "cpu")
-    layers = _layers(config)
-    shapes = probe_layer_shapes(model, layers)
-    _, height, width = shapes[layers[0]]
+    model = describe()
+    shapes = model["layer_shapes"]
+    _, height, width = shapes[_layers(config)[0]]
     per_row = rows_per_image(config.extract.positions, config.extract.per_image, height, width)
     create_store(
         store,
         attrs={
             "model": config.model,
             "layer_shapes": shapes,
-            "preprocessing": model.preprocessing_info(),
-            "class_names": model.class_names,
+            "preprocessing": model["preprocessing"],
+            "class_names": model["class_names"],
             "positions": config.extract.positions,
             "per_image": config.extract.per_image,
             "attribution": config.extract.attribution,
@@ -126,7 +133,8 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
     Returns
     -------
     dict
-        Counts and timings: n_images, n_ok, n_rejected, n_nonfinite_rows, seconds, images_per_second.
+        Counts and timings: n_images, n_ok, n_rejected, n_nonfinite_rows, seconds, images_per_second,
+        and worker_peak_memory_mib (peak resident memory of each worker process).
     """
     store = str(Path(config.store).resolve()) if "://" not in config.store else config.store
     if Path(store).exists() and not force:
@@ -140,18 +148,22 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
     items = list_items(config.images, config.sample.crops_per_photo)
     logger.info("extract: %d images from %s", len(items), config.images)
     start = time.perf_counter()
-    shapes = _prepare_store(config, store, items, force)
-    settings = _settings(config, store, shapes)
     duplicates = _duplicate_reasons(items)
+    show = sys.stderr.isatty() if progress is None else progress
 
-    with store_lock(store, "extract"):
-        group = open_store(store, mode="r+")
-        clear_stage(group, "extract")
-        done = np.asarray(group["extract/shard_done"][:])
-        todo = [int(shard) for shard in np.flatnonzero(~done)]
-        logger.info("extract: %d of %d shards to run", len(todo), len(done))
-        show = sys.stderr.isatty() if progress is None else progress
-        with dask_client(config.compute) as client:
+    with dask_client(config.compute) as client:
+        # The model is loaded on a worker, which keeps it for the shards, never in this process.
+        def describe() -> dict:
+            return client.submit(describe_model, config.model, _layers(config), config.compute.device, pure=False).result()
+
+        shapes = _prepare_store(config, store, items, force, describe)
+        settings = _settings(config, store, shapes)
+        with store_lock(store, "extract"):
+            group = open_store(store, mode="r+")
+            clear_stage(group, "extract")
+            done = np.asarray(group["extract/shard_done"][:])
+            todo = [int(shard) for shard in np.flatnonzero(~done)]
+            logger.info("extract: %d of %d shards to run", len(todo), len(done))
             futures = [
                 client.submit(
                     process_shard,
@@ -175,28 +187,35 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
                 bar.update(result.n_images)
                 logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
             bar.close()
-
-        status = read_strings(group["images/status"])
-        valid = np.asarray(group["samples/valid"][:])
-        n_ok = int((status == "ok").sum())
-        per_row = int(group.attrs["rows_per_image"])
-        summary = {
-            "n_images": len(items),
-            "n_ok": n_ok,
-            "n_rejected": len(items) - n_ok,
-            "n_rows": int(valid.shape[0]),
-            "n_valid_rows": int(valid.sum()),
-            "n_nonfinite_rows": int(n_ok * per_row - valid.sum()),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        # Images processed by this run only: resumed shards do not count.
-        summary["images_per_second"] = round(n_todo_images / max(summary["seconds"], 1e-9), 2)
-        reasons = Counter(reason for reason in status if reason != "ok")
-        for reason, count in reasons.most_common(5):
-            logger.warning("extract: %d images rejected: %s", count, reason)
-        mark_stage(group, "extract", **summary)
+            peaks = client.run(peak_memory_mib)
+            summary = _finish(group, items, n_todo_images, start, peaks)
     logger.info(
         "extract: %d images (%d rejected), %d activation rows in %.1f s",
         summary["n_images"], summary["n_rejected"], summary["n_valid_rows"], summary["seconds"],
     )
+    return summary
+
+
+def _finish(group, items: list[str], n_todo_images: int, start: float, peaks: dict[str, float]) -> dict:
+    """Count the job's outcome, log rejection reasons and mark the stage done."""
+    status = read_strings(group["images/status"])
+    valid = np.asarray(group["samples/valid"][:])
+    n_ok = int((status == "ok").sum())
+    per_row = int(group.attrs["rows_per_image"])
+    summary = {
+        "n_images": len(items),
+        "n_ok": n_ok,
+        "n_rejected": len(items) - n_ok,
+        "n_rows": int(valid.shape[0]),
+        "n_valid_rows": int(valid.sum()),
+        "n_nonfinite_rows": int(n_ok * per_row - valid.sum()),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    # Images processed by this run only: resumed shards do not count.
+    summary["images_per_second"] = round(n_todo_images / max(summary["seconds"], 1e-9), 2)
+    reasons = Counter(reason for reason in status if reason != "ok")
+    for reason, count in reasons.most_common(5):
+        logger.warning("extract: %d images rejected: %s", count, reason)
+    summary["worker_peak_memory_mib"] = {address: round(mib, 1) for address, mib in sorted(peaks.items())}
+    mark_stage(group, "extract", **summary)
     return summary

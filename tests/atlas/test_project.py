@@ -14,6 +14,7 @@ from atlas.project import (
     _exact_index,
     hash_rows,
     knn_graph,
+    place_in_parallel,
     place_rows,
     run_project,
     scale_layout,
@@ -207,6 +208,34 @@ def test_place_rows_weighted_mean():
     weights = 1.0 / distance[nearest]
     expected = (weights[:, None] * layout[nearest]).sum(axis=0) / weights.sum()
     np.testing.assert_allclose(place_rows(index, layout, query, 4, "cosine")[0], expected, rtol=1e-4)
+
+
+def test_parallel_placement_matches_one_search(tmp_path, monkeypatch):
+    import faiss
+
+    import atlas.project
+
+    store = make_store(tmp_path / "s.zarr", n_rows=500, channels=8, n_clusters=5)
+    activations = open_store(store.path)["activations/layer2"]
+    fitted_rows = np.arange(0, 500, 5)
+    fitted = np.ascontiguousarray(store.activations[fitted_rows], dtype=np.float32)
+    fitted /= np.linalg.norm(fitted, axis=1, keepdims=True)
+    layout = np.random.default_rng(1).random((len(fitted_rows), 2))
+    index = _exact_index(fitted, "cosine")
+    rows = np.setdiff1d(np.arange(500), fitted_rows)
+    config = ProjectConfig(place_neighbors=4)
+
+    queries = np.ascontiguousarray(store.activations[rows], dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = place_rows(index, layout, queries, 4, "cosine")
+    # Chunks of 64 rows: seven tasks, the last one partial.
+    monkeypatch.setattr(atlas.project, "PLACE_CHUNK_ROWS", 64)
+    threads = faiss.omp_get_max_threads()
+    placed = place_in_parallel(activations, rows, index, layout, config)
+
+    # FAISS batches distance computations differently for other chunk sizes: float32 rounding only.
+    np.testing.assert_allclose(placed, expected, rtol=1e-4, atol=1e-6)
+    assert faiss.omp_get_max_threads() == threads
 
 
 def test_scale_layout_matches_numpy():

@@ -132,3 +132,22 @@ def test_summary_counts_this_run_only(tiny_spec, image_folder, tmp_path):
     resumed = run_extract(config, progress=False)
     assert resumed["images_per_second"] == pytest.approx(4 / resumed["seconds"], rel=0.02)
     assert resumed["n_ok"] == 20
+
+
+def test_workers_load_model_report_memory(tiny_spec, image_folder, tmp_path):
+    import atlas.extract
+
+    atlas.extract._MODEL_CACHE.pop((tiny_spec, "cpu"), None)
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr", "compute.processes=true")
+    summary = run_extract(config, progress=False)
+
+    assert summary["n_ok"] == 20
+    # The driver only creates the store; the model lives in the worker process.
+    assert (tiny_spec, "cpu") not in atlas.extract._MODEL_CACHE
+    expected = atlas.extract.probe_layer_shapes(cached_model(tiny_spec), ["layer2"])
+    assert open_store(config.store).attrs["layer_shapes"] == expected
+    peaks = summary["worker_peak_memory_mib"]
+    assert len(peaks) == 1
+    # A Python process with torch imported uses well over 100 MiB.
+    assert min(peaks.values()) > 100
+    assert open_store(config.store).attrs["stages"]["extract"]["worker_peak_memory_mib"] == peaks
