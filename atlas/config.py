@@ -70,7 +70,7 @@ class IndexConfig(_Section):
     """FAISS index over L2-normalised activations."""
 
     factory: str | None = None
-    exact_below: int = Field(200_000, ge=1)
+    exact_below: int = Field(50_000, ge=1)
     pq_above: int = Field(5_000_000, ge=1)
     train_size: int = Field(100_000, ge=1)
     nprobe: int = Field(16, ge=1)

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 # RGBA of a non-empty cell whose icon is not rendered yet: dark grey, opaque,
 # so it reads as "data here" against the transparent empty cells.
 PLACEHOLDER_RGBA = (58, 62, 70, 255)
+# Brightness of a cell drawn from the coarser grid's icon, so it reads as borrowed.
+FALLBACK_BRIGHTNESS = 0.7
 
 
 def tile_size(size: int, icon_px: int, max_px: int) -> int:
@@ -43,6 +45,7 @@ def build_mosaic(
     filled: np.ndarray,
     done: np.ndarray,
     max_px: int,
+    fallback: np.ndarray | None = None,
 ) -> np.ndarray:
     """Tile the icons of one grid into an RGBA mosaic for ``image_rgba``.
 
@@ -59,21 +62,36 @@ def build_mosaic(
         Shape (S, S) bool: non-empty cells, and cells whose icon is rendered.
     max_px
         Largest mosaic side; icons are shrunk (area-averaged) to fit.
+    fallback
+        Optional (S·t, S·t, 4) uint8 pixels for cells without an icon: the
+        mosaic of a coarser grid scaled to this one (see :func:`upscale_mosaic`).
+        Such a cell shows its part of the coarser icon, dimmed to
+        :data:`FALLBACK_BRIGHTNESS`, as a map shows the parent tile until the
+        finer one is loaded.
 
     Returns
     -------
     numpy.ndarray
         Shape (S·t, S·t) uint32 RGBA with t = :func:`tile_size`; row 0 is the
-        bottom of the plot. Empty cells are transparent, non-empty cells
-        without an icon are :data:`PLACEHOLDER_RGBA`.
+        bottom of the plot. Empty cells are transparent. Non-empty cells
+        without an icon show the fallback where it is opaque, and
+        :data:`PLACEHOLDER_RGBA` elsewhere.
     """
     tile = tile_size(size, icon_px, max_px)
     rgba = np.zeros((size * tile, size * tile, 4), dtype=np.uint8)
+    if fallback is not None and fallback.shape != rgba.shape:
+        raise ValueError(f"fallback pixels have shape {fallback.shape}, expected {rgba.shape}")
     with_icon = filled & done if read_icon_row is not None else np.zeros_like(filled)
     for i in range(size):
         block = rgba[i * tile : (i + 1) * tile]
         for j in np.flatnonzero(filled[i] & ~with_icon[i]):
-            block[:, j * tile : (j + 1) * tile] = PLACEHOLDER_RGBA
+            cell = np.s_[:, j * tile : (j + 1) * tile]
+            borrowed = None if fallback is None else fallback[i * tile : (i + 1) * tile][cell]
+            if borrowed is not None and (borrowed[..., 3] > 0).all():
+                block[cell][..., :3] = (borrowed[..., :3] * FALLBACK_BRIGHTNESS).round().astype(np.uint8)
+                block[cell][..., 3] = 255
+            else:
+                block[cell] = PLACEHOLDER_RGBA
         columns = np.flatnonzero(with_icon[i])
         if len(columns) == 0:
             continue
@@ -84,6 +102,17 @@ def build_mosaic(
             block[:, column * tile : (column + 1) * tile, :3] = icon[::-1]
             block[:, column * tile : (column + 1) * tile, 3] = 255
     return pack_rgba(rgba)
+
+
+def upscale_mosaic(mosaic: np.ndarray, side: int) -> np.ndarray:
+    """Scale a packed (H, H) uint32 mosaic to (side, side, 4) uint8 RGBA, nearest pixel.
+
+    Nearest-pixel scaling keeps transparent cells transparent, so a cell of
+    the coarser grid that is empty stays unusable as a fallback.
+    """
+    rgba = np.ascontiguousarray(mosaic).view(np.uint8).reshape(*mosaic.shape, 4)
+    image = Image.fromarray(rgba, mode="RGBA").resize((side, side), Image.Resampling.NEAREST)
+    return np.asarray(image)
 
 
 def _shrink(icons: np.ndarray, tile: int) -> np.ndarray:

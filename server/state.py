@@ -25,7 +25,7 @@ from PIL import Image
 from atlas.config import ServeConfig, load_config
 from atlas.errors import AtlasError, ConfigError, StoreError
 from atlas.store import open_store
-from server.mosaic import build_mosaic, density_histogram, density_rgba
+from server.mosaic import build_mosaic, density_histogram, density_rgba, tile_size, upscale_mosaic
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LayerData:
     projection: zarr.Array | None
     _mosaics: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     _density: np.ndarray | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def sizes(self) -> list[int]:
@@ -112,10 +112,30 @@ class LayerData:
             level = self.levels[size]
             icons = level.icons
             read_row = (lambda i: icons[i]) if icons is not None else None
-            mosaic = build_mosaic(read_row, size, max(level.icon_px, 1), level.filled, level.icon_done, max_px)
+            # A grid without icons takes the others' icon size, so a borrowed icon keeps its detail.
+            icon_px = level.icon_px if icons is not None else max(self._finest_icon_px(), 1)
+            side = size * tile_size(size, icon_px, max_px)
+            fallback = None
+            parent = self._fallback_size(size)
+            if parent is not None and (level.filled & ~level.icon_done).any():
+                # The lock is re-entrant: the coarser mosaic is built, and cached, first.
+                fallback = upscale_mosaic(self.mosaic(parent, max_px), side)
+            mosaic = build_mosaic(read_row, size, icon_px, level.filled, level.icon_done, max_px, fallback=fallback)
             self._mosaics[key] = mosaic
         logger.info("built the %dx%d mosaic of layer %s (%d x %d px)", size, size, self.name, *mosaic.shape)
         return mosaic
+
+    def _finest_icon_px(self) -> int:
+        return max((level.icon_px for level in self.levels.values()), default=0)
+
+    def _fallback_size(self, size: int) -> int | None:
+        """Return the finest coarser grid with rendered icons that tiles ``size`` exactly, if any."""
+        candidates = [
+            other for other in self.sizes
+            if other < size and size % other == 0 and self.levels[other].icons is not None
+            and self.levels[other].icon_done.any()
+        ]
+        return candidates[-1] if candidates else None
 
     def density(self) -> np.ndarray | None:
         """Return the (B, B) uint32 RGBA density of layout points, or ``None`` without a layout."""

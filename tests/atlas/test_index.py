@@ -28,8 +28,8 @@ def _exact_neighbours(database: np.ndarray, database_rows: np.ndarray, queries: 
     ("n_rows", "config", "kind"),
     [
         (100, IndexConfig(), "flat"),
-        (199_999, IndexConfig(), "flat"),
-        (200_000, IndexConfig(), "ivf"),
+        (49_999, IndexConfig(), "flat"),
+        (50_000, IndexConfig(), "ivf"),
         (6_000_000, IndexConfig(), "ivfpq"),
         (100, IndexConfig(factory="HNSW32"), "custom"),
     ],

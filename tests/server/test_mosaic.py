@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from server.mosaic import (
+    FALLBACK_BRIGHTNESS,
     PLACEHOLDER_RGBA,
     build_mosaic,
     density_histogram,
@@ -18,6 +19,7 @@ from server.mosaic import (
     pack_rgba,
     png_data_uri,
     tile_size,
+    upscale_mosaic,
 )
 
 
@@ -77,6 +79,33 @@ def test_mosaic_without_icons_shows_placeholders() -> None:
     mosaic = unpack(build_mosaic(None, 2, 8, filled, np.ones((2, 2), bool), max_px=1000))
     assert (mosaic[:8, :8] == np.array(PLACEHOLDER_RGBA, np.uint8)).all()
     assert (mosaic[8:, 8:, 3] == 0).all()
+
+
+def test_unrendered_cells_borrow_coarser_icon() -> None:
+    # A 1 x 1 parent grid with one 4 px icon, and a 2 x 2 child grid of 4 px cells where
+    # only cell (1, 1) has its own icon and cell (1, 0) is empty.
+    parent_icons = random_icons(1, 4, seed=5)
+    parent = build_mosaic(lambda i: parent_icons[i], 1, 4, np.ones((1, 1), bool), np.ones((1, 1), bool), max_px=1000)
+    fallback = upscale_mosaic(parent, 8)
+    assert fallback.shape == (8, 8, 4)
+
+    icons = random_icons(2, 4, seed=6)
+    filled = np.array([[True, True], [False, True]])
+    done = np.array([[False, False], [False, True]])
+    mosaic = unpack(build_mosaic(lambda i: icons[i], 2, 4, filled, done, max_px=1000, fallback=fallback))
+
+    # Cell (0, 0) shows the bottom-left quarter of the parent icon, dimmed.
+    expected = (fallback[:4, :4, :3] * FALLBACK_BRIGHTNESS).round().astype(np.uint8)
+    np.testing.assert_array_equal(mosaic[:4, :4, :3], expected)
+    assert (mosaic[:4, :4, 3] == 255).all()
+    np.testing.assert_array_equal(mosaic[4:, 4:, :3], icons[1, 1][::-1])
+    assert (mosaic[4:, :4, 3] == 0).all()
+
+
+def test_fallback_with_other_shape_rejected() -> None:
+    filled = np.ones((2, 2), bool)
+    with pytest.raises(ValueError, match="fallback pixels have shape"):
+        build_mosaic(None, 2, 4, filled, filled, max_px=1000, fallback=np.zeros((4, 4, 4), np.uint8))
 
 
 def test_mosaic_shrinks_icons_by_area_mean() -> None:
