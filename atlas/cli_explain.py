@@ -69,10 +69,10 @@ def method_layers(methods: list[str], layer: str | None, model_spec: str) -> dic
 
     Feature maps and channel visualization default to the model's atlas
     layer (``atlas.models.default_layer``), so they match the atlas. Grad-CAM
-    and Grad-CAM++ default to the last convolution, as in Selvaraju et al.
-    (2017): on EfficientNet-Lite0 their maps at the atlas layer ``blocks.4``
-    follow texture, not the class. ``None`` lets the method pick the last
-    convolution.
+    and Grad-CAM++ default to the final rectified feature map, the one the
+    classifier pools, as in Selvaraju et al. (2017): on EfficientNet-Lite0
+    their maps at the atlas layer ``blocks.4`` follow texture, not the class.
+    ``None`` lets the method pick that map.
     """
     from atlas.models import default_layer
 
@@ -113,7 +113,7 @@ def explain_file(path: Path, loaded, layers: dict[str, str | None], target: int 
               help="Model spec: efficientnet_lite0, timm:<name>, torchvision:<name> or file:<path>.")
 @click.option("--layer", default=None,
               help="Module path for featuremaps, channel, gradcam and gradcam++. Default: the model's "
-                   "atlas layer for featuremaps and channel, the last convolution for the others.")
+                   "atlas layer for featuremaps and channel, the final feature map (e.g. bn2) for the others.")
 @click.option("--target", default=None,
               help="Class to explain, as an index or a case-insensitive part of its name. Default: the predicted class.")
 @click.option("--channel", type=int, default=None, help="Channel for --method channel. Default: the image's strongest channel.")

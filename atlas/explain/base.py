@@ -296,28 +296,48 @@ class ExplainRun:
 
 @dataclass
 class _ForwardRecord:
+    """Outputs of the recording forward pass.
+
+    ``feature_layer`` is the default layer of the layer-based methods: the
+    last module to return a (1, C, h, w) map with h · w > 1 after the last
+    convolution, among modules called once (``bn2`` in timm's EfficientNets,
+    ``layer4`` in torchvision's ResNets), so the map is the rectified one the
+    classifier pools, as in the Grad-CAM paper. ``feature_map`` is its output,
+    or ``None`` when no such module exists and the last convolution is used.
+    """
+
     logits: torch.Tensor
     activation: torch.Tensor | None
     conv_layers: list[str]
-    last_conv_output: torch.Tensor | None
+    feature_layer: str | None
+    feature_map: torch.Tensor | None
 
 
 def _forward(module: nn.Module, x: torch.Tensor, layer: str | None) -> _ForwardRecord:
     # One pass that records the logits, the layer's output, the call order of the
-    # convolutions and the output of the last one.
+    # convolutions and the final feature map (see _ForwardRecord).
     conv_order: list[str] = []
     captured: dict[str, torch.Tensor] = {}
+    # Modules that returned a (1, C, h, w) map with h * w > 1 since the last convolution finished.
+    after_last_conv: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
     handles = []
 
     def first_tensor(output: Any) -> Any:
         return output[0] if isinstance(output, (tuple, list)) else output
 
     # Outputs are cloned because a later in-place operation (`out += identity`) would change them.
-    def note_conv(name: str):
+    def note_output(name: str, is_conv: bool):
         def hook(_module: nn.Module, _inputs: tuple, output: Any) -> None:
-            if name not in conv_order:
-                conv_order.append(name)
-            captured["last_conv"] = first_tensor(output).detach().clone()
+            calls[name] = calls.get(name, 0) + 1
+            output = first_tensor(output)
+            if is_conv:
+                if name not in conv_order:
+                    conv_order.append(name)
+                after_last_conv.clear()
+            if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1:
+                after_last_conv.pop(name, None)
+                after_last_conv[name] = output.detach().clone()
 
         return hook
 
@@ -327,8 +347,8 @@ def _forward(module: nn.Module, x: torch.Tensor, layer: str | None) -> _ForwardR
 
     try:
         for name, child in module.named_modules():
-            if isinstance(child, nn.Conv2d):
-                handles.append(child.register_forward_hook(note_conv(name)))
+            if name:
+                handles.append(child.register_forward_hook(note_output(name, isinstance(child, nn.Conv2d))))
         if layer is not None:
             handles.append(get_module(module, layer).register_forward_hook(keep_output))
         with torch.no_grad():
@@ -341,7 +361,16 @@ def _forward(module: nn.Module, x: torch.Tensor, layer: str | None) -> _ForwardR
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"explanations need a classifier that returns (1, n_classes) logits, the model returned {shape}")
-    return _ForwardRecord(logits, captured.get("layer"), conv_order, captured.get("last_conv"))
+    # The last map to finish, among modules called once: reused modules (a shared ReLU)
+    # would fire a CAM library's hooks several times in one pass.
+    once = [name for name in after_last_conv if calls[name] == 1]
+    feature_layer, feature_map = None, None
+    if once:
+        feature_layer = once[-1]
+        feature_map = after_last_conv[feature_layer]
+    elif conv_order:
+        feature_layer = conv_order[-1]
+    return _ForwardRecord(logits, captured.get("layer"), conv_order, feature_layer, feature_map)
 
 
 def _check_target(target: int | None, logits: torch.Tensor) -> int:
@@ -399,9 +428,12 @@ def explain_run(
             if needs_layer and layer is None:
                 if not record.conv_layers:
                     raise ModelError(f"{method} needs a layer and the model has no nn.Conv2d to default to; pass layer=")
-                layer = record.conv_layers[-1]
-                activation = record.last_conv_output
-                logger.debug("%s: no layer given, using the last convolution %s", method, layer)
+                layer = record.feature_layer
+                activation = record.feature_map
+                if activation is None:
+                    # No module after the last convolution qualifies: take the convolution itself.
+                    activation = _forward(parts.module, x, layer).activation
+                logger.debug("%s: no layer given, using the final feature map of %s", method, layer)
             if needs_layer and (not isinstance(activation, torch.Tensor) or activation.ndim != 4):
                 shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
                 raise ModelError(f"{method} needs a layer with a (1, C, h, w) output; {layer!r} gives {shape}")

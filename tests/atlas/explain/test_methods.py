@@ -48,9 +48,10 @@ def test_feature_maps_ordered_by_mean(tiny_model, tiny_image):
     assert result.kind == "feature-maps"
 
 
-def test_feature_maps_default_to_last_conv(tiny_model, tiny_image):
+def test_feature_maps_default_to_final_map(tiny_model, tiny_image):
+    # layer2 is the last convolution followed by its ReLU: the map the classifier pools.
     result = explain(tiny_model, tiny_image, "featuremaps")
-    assert result.layer == "layer2.0"
+    assert result.layer == "layer2"
     assert result.attribution.shape == (16, 8, 8)
 
 
