@@ -185,7 +185,7 @@ def report(result: dict) -> str:
   `stores/demo.zarr` (EfficientNet-Lite0, `blocks.4`), skimage's chelsea photo as PNG. The first upload,
   which loads the model and index, took {warm_up:.2f} s and is left out of the median. Grad-CAM and
   saliency follow in {explained:.2f} s (median, from setting the input).
-- Load average (1, 5, 15 min) at the end: {load}; the machine was shared with other jobs.
+- Load average (1, 5, 15 min) at the end: {load}.
 
 Machine: {machine()}.
 """

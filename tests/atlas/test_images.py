@@ -196,3 +196,26 @@ def test_wellformed_handmade_exif_rotated(tmp_path, caplog):
     assert pixels[37, 10, 2] > 200
     assert pixels[37, 10, 0] < 60
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def _deny(path):
+    """Return a stand-in for ``Image.open`` that raises EACCES for ``path``, as chmod 000 does for a non-root user."""
+    real_open = Image.open
+
+    def fake_open(source, *args, **kwargs):
+        if str(source) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(source, *args, **kwargs)
+
+    return fake_open
+
+
+def test_unreadable_file_permission_denied(tmp_path, monkeypatch):
+    # The suite runs as root in CI, where chmod 000 does not stop reads, so the
+    # kernel's EACCES is raised by a stand-in for Pillow's open instead.
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(path)
+    monkeypatch.setattr(Image, "open", _deny(path))
+
+    with pytest.raises(ImageDecodeError, match="permission denied"):
+        decode_image(path)

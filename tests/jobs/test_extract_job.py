@@ -151,3 +151,21 @@ def test_workers_load_model_report_memory(tiny_spec, image_folder, tmp_path):
     # A Python process with torch imported uses well over 100 MiB.
     assert min(peaks.values()) > 100
     assert open_store(config.store).attrs["stages"]["extract"]["worker_peak_memory_mib"] == peaks
+
+
+def test_unreadable_image_recorded(tiny_spec, image_folder, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tests.atlas.test_images import _deny
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    locked = sorted(folder.glob("*.png"))[5]
+    monkeypatch.setattr(Image, "open", _deny(locked))
+    config = tiny_config(tiny_spec, folder, tmp_path / "s.zarr")
+    summary = run_extract(config, progress=False)
+
+    assert summary["n_ok"] == 19
+    rejected = store_info(config.store)["rejected"]
+    assert [item["path"] for item in rejected] == [str(locked)]
+    assert rejected[0]["reason"] == "permission denied"
