@@ -223,6 +223,21 @@ def read_strings(array: zarr.Array, selection: slice = slice(None)) -> np.ndarra
     return np.array([str(value) for value in array[selection]], dtype=object)
 
 
+def is_store_url(path: str | Path) -> bool:
+    """Return whether ``path`` is an fsspec URL (``s3://...``, ``memory://...``) rather than a local path."""
+    return "://" in str(path)
+
+
+def store_exists(path: str | Path) -> bool:
+    """Return whether a feature store, or anything, exists at a local path or fsspec URL."""
+    if not is_store_url(path):
+        return Path(path).exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
+
+
 def sidecar_path(store_path: str | Path, name: str) -> Path:
     """Return the path of a non-Zarr file kept inside a local store folder."""
     path = Path(store_path)

@@ -18,7 +18,16 @@ from atlas.config import AtlasConfig
 from atlas.datasets import fingerprint, is_url, list_items
 from atlas.errors import ConfigError, StoreError
 from atlas.extract import ExtractSettings, describe_model, peak_memory_mib, process_shard, rows_per_image
-from atlas.store import clear_stage, create_store, mark_stage, open_store, read_strings, stage_done
+from atlas.store import (
+    clear_stage,
+    create_store,
+    is_store_url,
+    mark_stage,
+    open_store,
+    read_strings,
+    stage_done,
+    store_exists,
+)
 from jobs.cluster import dask_client, torch_threads_per_task
 from jobs.lock import store_lock
 
@@ -62,7 +71,7 @@ def _prepare_store(
     """
     digest = config.digest()
     data_print = fingerprint(items)
-    if Path(store).exists() and not force:
+    if store_exists(store) and not force:
         try:
             group = open_store(store, mode="r")
         except StoreError:
@@ -136,8 +145,8 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
         Counts and timings: n_images, n_ok, n_rejected, n_nonfinite_rows, seconds, images_per_second,
         and worker_peak_memory_mib (peak resident memory of each worker process).
     """
-    store = str(Path(config.store).resolve()) if "://" not in config.store else config.store
-    if Path(store).exists() and not force:
+    store = config.store if is_store_url(config.store) else str(Path(config.store).resolve())
+    if store_exists(store) and not force:
         try:
             if stage_done(open_store(store), "extract"):
                 logger.info("extract: %s is already complete; pass --force to redo it", store)

@@ -61,3 +61,65 @@ def test_memory_url_missing_file_rejected(tiny_spec, image_folder, tmp_path, mem
     assert status[0] == "ok"
     assert "not found" in status[1]
     assert "empty" in status[2]
+
+
+@pytest.fixture
+def memory_store():
+    """A fresh memory:// store URL, removed afterwards."""
+    fs = fsspec.filesystem("memory")
+    root = f"/atlas-store-{uuid.uuid4().hex}"
+    yield f"memory://{root}/s.zarr"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_store_at_url_equals_local_store(tiny_spec, image_folder, memory_store, tmp_path):
+    url_config = tiny_config(tiny_spec, image_folder, memory_store)
+    local_config = tiny_config(tiny_spec, image_folder, tmp_path / "local.zarr")
+    url_summary = run_extract(url_config, progress=False)
+    run_extract(local_config, progress=False)
+
+    assert url_summary["n_ok"] == 20
+    url_store = open_store(memory_store)
+    local_store = open_store(local_config.store)
+    for name in COMPARED:
+        np.testing.assert_array_equal(url_store[name][:], local_store[name][:], err_msg=name)
+    # The lock is released: no lock file is left in the store.
+    assert not fsspec.filesystem("memory").exists(memory_store.removeprefix("memory://") + "/sidecar/lock.json")
+
+
+def test_store_at_url_resumes_lost_shard(tiny_spec, image_folder, memory_store):
+    config = tiny_config(tiny_spec, image_folder, memory_store)
+    run_extract(config, progress=False)
+    group = open_store(memory_store, mode="r+")
+    full = np.asarray(group["activations/layer2"][:])
+    # Lose shard 2 (images 8..11): its rows go back to the fill value and it is not done.
+    group["activations/layer2"][8 * 6 : 12 * 6] = 0
+    group["extract/shard_done"][2] = False
+    group.attrs["stages"] = {}
+
+    resumed = run_extract(config, progress=False)
+
+    assert resumed["n_ok"] == 20
+    assert resumed["images_per_second"] == pytest.approx(4 / resumed["seconds"], rel=0.02)
+    np.testing.assert_array_equal(open_store(memory_store)["activations/layer2"][:], full)
+
+
+def test_store_at_url_live_lock_refused(tiny_spec, image_folder, memory_store):
+    import json
+    import os
+    import socket
+    import time
+
+    from atlas.errors import StoreLockedError
+
+    config = tiny_config(tiny_spec, image_folder, memory_store)
+    run_extract(config, progress=False)
+    group = open_store(memory_store, mode="r+")
+    group.attrs["stages"] = {}
+    # This test process is the holder: alive, and older than its lock.
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "job": "extract", "started": "now", "created_ts": time.time()}
+    fsspec.filesystem("memory").pipe(memory_store.removeprefix("memory://") + "/sidecar/lock.json", json.dumps(holder).encode())
+
+    with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+        run_extract(config, progress=False)
