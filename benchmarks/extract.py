@@ -109,7 +109,7 @@ before and after the job ({result['bare_runs_images_per_s'][0]:.1f} and {result[
 | --- | ---: |
 | bare truncated forward (tensors in memory) | {result['bare_images_per_s']:.1f} |
 | `atlas extract` job (files to store, {result['job_seconds']:.0f} s) | {result['job_images_per_s']:.1f} |
-| ratio job / bare (goal ≥ 0.9) | {result['ratio']:.2f} |
+| ratio job / bare (goal ≥ 0.9: {"meets" if result['ratio'] >= 0.9 else "misses"}) | {result['ratio']:.2f} |
 
 Peak resident memory of the worker: {result['worker_peak_mib']:.0f} MiB.
 

@@ -66,3 +66,9 @@ def test_missing_file():
 def test_top_k_above_candidates():
     with pytest.raises(ConfigError, match="attribution_top_k"):
         load_config(overrides=["extract.attribution_candidates=2", "extract.attribution_top_k=3"])
+
+
+def test_bad_override_named_as_source():
+    with pytest.raises(ConfigError, match=r"in defaults with --set render\.steps=-5:") as caught:
+        load_config(overrides=["render.steps=-5"])
+    assert "render.steps" in str(caught.value).splitlines()[1]
