@@ -1,7 +1,7 @@
 """Scale benchmark: index, project and grid on a 2,000,000-row store, wall time and peak memory.
 
-The store is ``stores/bench-2m.zarr`` from the ``extract_scale`` benchmark
-(real EfficientNet-Lite0 activations); without it, a store of 2,000,000
+The store is ``stores/bench-2m.zarr`` from the ``extract_scale`` benchmark,
+with real EfficientNet-Lite0 activations. Without it, a store of 2,000,000
 clustered synthetic vectors is written instead and the report names it. Each
 stage runs in a fresh process, so its peak resident memory is its own.
 """
