@@ -250,8 +250,6 @@ def build_index(store_path: str | Path, config: IndexConfig, layer: str | None =
         training = read_rows(activations, training_rows(rows, config), dtype=np.float32)
         train_index(index, training, config)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = min(config.nprobe, ivf.nlist)
 
     # Step 2: add every valid row, chunk by chunk, with its store row as ID.
     n_skipped = 0

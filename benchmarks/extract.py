@@ -38,7 +38,18 @@ def write_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _bare_seconds(model, tensors: list[torch.Tensor], batch_size: int) -> float:
+def bare_inputs(files: list[Path], batch_size: int):
+    """Load the model on every core, decode ``files`` into tensors and warm up; return (model, tensors)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model("efficientnet_lite0")
+    tensors = [model.transform(open_image(str(path))) for path in files]
+    with torch.no_grad():
+        forward_to(model.module, torch.stack(tensors[:batch_size]), ["blocks.4"])
+    return model, tensors
+
+
+def bare_seconds(model, tensors: list[torch.Tensor], batch_size: int) -> float:
+    """Return the seconds of the bare truncated forward pass over ``tensors`` in batches."""
     with torch.no_grad():
         start = time.perf_counter()
         for first in range(0, len(tensors), batch_size):
@@ -56,13 +67,8 @@ def run(n_images: int = 2048, batch_size: int = 32) -> dict:
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-extract-"))
     try:
         files = write_images(work / "images", n_images)
-
-        torch.set_num_threads(threads)
-        model = load_model("efficientnet_lite0")
-        tensors = [model.transform(open_image(str(path))) for path in files]
-        with torch.no_grad():
-            forward_to(model.module, torch.stack(tensors[:batch_size]), ["blocks.4"])  # warm-up
-        bare_before = _bare_seconds(model, tensors, batch_size)
+        model, tensors = bare_inputs(files, batch_size)
+        bare_before = bare_seconds(model, tensors, batch_size)
 
         config = load_config(
             overrides=[
@@ -75,7 +81,7 @@ def run(n_images: int = 2048, batch_size: int = 32) -> dict:
         start = time.perf_counter()
         summary = run_extract(config, progress=False)
         job_seconds = time.perf_counter() - start
-        bare_after = _bare_seconds(model, tensors, batch_size)
+        bare_after = bare_seconds(model, tensors, batch_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

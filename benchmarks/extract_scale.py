@@ -15,14 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from atlas.capture import forward_to
 from atlas.config import load_config
-from atlas.datasets import open_image
-from atlas.models import load_model
 from benchmarks.common import machine
-from benchmarks.extract import _bare_seconds, write_images
+from benchmarks.extract import bare_inputs, bare_seconds, write_images
 from jobs.extract import run_extract
 
 logger = logging.getLogger(__name__)
@@ -48,12 +43,8 @@ def _config(images: Path, store: Path):
 
 def _bare_rate(files: list[Path]) -> float:
     """Return images/s of the bare truncated forward pass over ``files``, decoded beforehand."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = load_model("efficientnet_lite0")
-    tensors = [model.transform(open_image(str(path))) for path in files]
-    with torch.no_grad():
-        forward_to(model.module, torch.stack(tensors[:BATCH_SIZE]), ["blocks.4"])  # warm-up
-    return len(tensors) / _bare_seconds(model, tensors, BATCH_SIZE)
+    model, tensors = bare_inputs(files, BATCH_SIZE)
+    return len(tensors) / bare_seconds(model, tensors, BATCH_SIZE)
 
 
 def run() -> dict:

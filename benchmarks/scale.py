@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import resource
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from atlas.config import load_config
+from atlas.extract import peak_memory_mib
 from atlas.store import open_store, stage_done
 from benchmarks.common import machine
 from benchmarks.extract_scale import STORE
@@ -38,7 +38,7 @@ def _run_stage(stage: str, store: str, layer: str) -> tuple[float, dict, float]:
     start = time.perf_counter()
     record = run_stage(stage, config, force=True)
     seconds = time.perf_counter() - start
-    return seconds, record, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return seconds, record, peak_memory_mib()
 
 
 def run() -> dict:
