@@ -32,11 +32,11 @@ def _cuda_cluster(config: ComputeConfig):
 def _worker_environment() -> dict:
     """Return Dask's pre-spawn worker environment without ``MALLOC_TRIM_THRESHOLD_``.
 
-    Setting that variable turns off glibc's dynamic mmap threshold (mallopt(3)),
-    so it stays at 128 KiB and every large tensor of a forward pass becomes a
-    fresh mmap with its page faults. Measured on a 2-core CPU, EfficientNet-Lite0
-    ran 30 % slower in a process started with it. Extraction workers keep one
-    model and reuse their buffers, so they do not need the trimming.
+    Measured on a 2-core CPU, EfficientNet-Lite0 forward passes ran 30 % slower
+    in a process started with it. The likely cause, not profiled: with a malloc
+    tunable set, glibc keeps its mmap threshold fixed, so large tensors become
+    fresh mmaps with their page faults. Extraction workers keep one model and
+    reuse their buffers, so they do not need the trimming.
     """
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)

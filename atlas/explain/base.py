@@ -302,7 +302,7 @@ class _ForwardRecord:
     last module to return a (1, C, h, w) map with h · w > 1 after the last
     convolution, among modules called once (``bn2`` in timm's EfficientNets,
     ``layer4`` in torchvision's ResNets), so the map is the rectified one the
-    classifier pools, as in the Grad-CAM paper. ``feature_map`` is its output,
+    classifier pools, as Selvaraju et al. (2017) use for Grad-CAM. ``feature_map`` is its output,
     or ``None`` when no such module exists and the last convolution is used.
     """
 
