@@ -60,7 +60,7 @@ class ComputeConfig(_Section):
     scheduler: str | None = None
     n_workers: int = Field(1, ge=1)
     threads_per_worker: int = Field(1, ge=1)
-    processes: bool = True
+    processes: bool | None = None
     memory_limit: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     dashboard: bool = False

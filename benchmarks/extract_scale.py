@@ -35,6 +35,8 @@ def _config(images: Path, store: Path):
         overrides=[
             "extract.attribution=false", f"extract.batch_size={BATCH_SIZE}", "extract.positions=all",
             "extract.shard_size=256", "compute.n_workers=1", "compute.threads_per_worker=1",
+            # A worker process of its own, so that its peak memory is measured apart from this one's.
+            "compute.processes=true",
         ],
         images=str(images),
         store=str(store),
@@ -95,7 +97,8 @@ def report(runs: dict) -> str:
 
 `python -m benchmarks.run extract_scale`: `atlas extract` on seeded 256 px crops of the sample
 photos, EfficientNet-Lite0 `blocks.4`, all 196 positions per image, batch {BATCH_SIZE}, shards of 256 images,
-one Dask worker process with 2 torch threads, attribution off. The larger store is kept as
+one Dask worker process (`compute.processes: true`, so that its memory is measured apart from
+the driver's) with 2 torch threads, attribution off. The larger store is kept as
 `stores/bench-2m.zarr` for the scale benchmark below.
 
 | images | activation rows | wall time (s) | images/s | ratio to bare | worker peak memory (MiB) |
