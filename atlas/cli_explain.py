@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from atlas.errors import AtlasError, ImageDecodeError
+from atlas.errors import AtlasError, ConfigError, ImageDecodeError
+from atlas.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 METHOD_CHOICES = (
     "featuremaps", "filters", "channel", "gradcam", "gradcam++", "saliency", "smoothgrad",
     "integrated-gradients", "gradientshap", "deepliftshap", "lime", "all",
@@ -20,19 +20,41 @@ METHOD_CHOICES = (
 
 
 def list_images(path: Path) -> list[Path]:
-    """Return ``path`` itself, or the image files directly inside a folder, sorted by name.
+    """Return ``path`` itself, or the image files in a folder and its sub-folders.
+
+    A folder is listed as ``atlas extract --images`` lists it
+    (:func:`atlas.datasets.list_items`): recursively, sorted by name within
+    each folder, keeping files with a suffix in ``atlas.images.IMAGE_SUFFIXES``.
 
     Raises
     ------
     AtlasError
-        The folder contains no file with an image suffix.
+        The folder and its sub-folders contain no file with an image suffix.
     """
+    from atlas.datasets import list_items
+
     if not path.is_dir():
         return [path]
-    images = sorted(item for item in path.iterdir() if item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise AtlasError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image file or another folder")
-    return images
+    try:
+        items = list_items(str(path))
+    except ConfigError as error:
+        raise AtlasError(
+            f"folder {path} has no images in it or its sub-folders ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "pass an image file or another folder"
+        ) from error
+    return [Path(item) for item in items]
+
+
+def output_folder(path: Path, source: Path, out: Path) -> Path:
+    """Return the folder for ``path``'s outputs: ``out`` plus ``path``'s sub-folder under the ``source`` folder.
+
+    ``photos/a/cat.jpg`` from source ``photos`` goes to ``out/a``, so images
+    with the same name in different sub-folders do not overwrite each other.
+    A single file, or a file directly inside ``source``, goes to ``out``.
+    """
+    if not source.is_dir():
+        return out
+    return out / path.relative_to(source).parent
 
 
 def write_explanations(stem: str, explanations: dict, out: Path, combined: bool) -> list[Path]:
@@ -123,15 +145,18 @@ def explain_file(path: Path, loaded, layers: dict[str, str | None], target: int 
               help="Override a config key, e.g. --set render.steps=64. Repeatable.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda:0.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="Folder for the .png figures and .npy attributions.")
+              help="Folder for the .png figures and .npy attributions; sub-folders of IMAGE are mirrored inside it.")
 def explain(image: Path, method: str, model_spec: str, layer: str | None, target: str | None,
             channel: int | None, config_path: str | None, overrides: tuple[str, ...], device: str, out: Path) -> None:
     """Explain a model's prediction on IMAGE (a file, or a folder of images).
 
     Writes <image name>.<method>.png (the map over the image, with the class in
     the title) and <image name>.<method>.npy (the raw attribution) into OUT.
-    With --method all, one <image name>.all.png shows every method. In a
-    folder, files that cannot be decoded are skipped with a warning.
+    With --method all, one <image name>.all.png shows every method. A folder
+    is searched recursively, and the outputs of an image in a sub-folder go to
+    the same sub-folder under OUT (photos/a/cat.jpg gives OUT/a/cat.gradcam.png),
+    so images with the same name do not overwrite each other. In a folder,
+    files that cannot be decoded are skipped with a warning.
     """
     from tqdm import tqdm
 
@@ -152,14 +177,15 @@ def explain(image: Path, method: str, model_spec: str, layer: str | None, target
     failures = 0
     for path in tqdm(paths, desc="explain", unit="image", disable=None if folder else True):
         try:
-            written = explain_file(path, loaded, layers, target_index, out, method == "all", options)
+            folder_out = output_folder(path, image, out)
+            written = explain_file(path, loaded, layers, target_index, folder_out, method == "all", options)
         except ImageDecodeError as error:
             if not folder:
                 raise ImageDecodeError(f"cannot decode {path}: {error}") from error
             failures += 1
             logger.warning("skipped %s: %s", path, error)
             continue
-        logger.info("explained %s with %s: %s", path.name, method, ", ".join(item.name for item in written))
+        logger.info("explained %s with %s: %s", path, method, ", ".join(str(item) for item in written))
 
     if failures:
         logger.warning("%d of %d images could not be decoded", failures, len(paths))

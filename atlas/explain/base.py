@@ -226,6 +226,12 @@ def resolve_class(text: str | int, class_names: Sequence[str]) -> int:
     raise QueryError(f"class name {text!r} is ambiguous, it matches {listed}{more}; pass the index or a longer name")
 
 
+def check_positive(name: str, value: int) -> None:
+    """Raise :class:`QueryError` unless ``value``, the option ``name``, is a positive ``int`` (``bool`` rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QueryError(f"{name} must be a positive integer, got {value!r}")
+
+
 @contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed torch's random generators inside the block and restore the caller's state after it."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from PIL import Image
 
 from atlas.explain.base import KIND_HEATMAP, KIND_IMAGE, KIND_MAPS, KIND_SIGNED, KIND_TILES, Explanation
@@ -23,7 +24,8 @@ from atlas.explain.base import KIND_HEATMAP, KIND_IMAGE, KIND_MAPS, KIND_SIGNED,
 logger = logging.getLogger(__name__)
 
 # Percentile of |attribution| mapped to the ends of the colour scale, so a few
-# extreme pixels (common in raw gradients) do not wash out the map.
+# extreme pixels (common in raw gradients) do not wash out the map. When values
+# lie beyond it, the colour bar gets arrow ends and a label naming the percentile.
 CLIP_PERCENTILE = 99.5
 HEATMAP_ALPHA = 0.55
 MONTAGE_CHANNELS = 16
@@ -74,23 +76,77 @@ def _symmetric_limit(values: np.ndarray) -> float:
     return limit if limit > 0 else 1.0
 
 
+def _ordinal(number: float) -> str:
+    # Return "99.5th", "1st" or "92nd" for a percentile label.
+    text = f"{number:g}"
+    if not text.isdigit() or 11 <= int(text) % 100 <= 13:
+        return f"{text}th"
+    return text + {1: "st", 2: "nd", 3: "rd"}.get(int(text) % 10, "th")
+
+
+def colorbar_extend(values: np.ndarray, low: float, high: float) -> str:
+    """Return matplotlib's colour-bar ``extend`` for ``values`` drawn on the scale ``low`` to ``high``.
+
+    The result is ``min``, ``max`` or ``both`` for the ends beyond which some
+    values lie and are drawn in the end colour, else ``neither``.
+    """
+    below = values.size > 0 and float(np.nanmin(values)) < low
+    above = values.size > 0 and float(np.nanmax(values)) > high
+    if below and above:
+        return "both"
+    if below:
+        return "min"
+    if above:
+        return "max"
+    return "neither"
+
+
+def _draw_heatmap(ax: Axes, explanation: Explanation) -> tuple[AxesImage, str, str | None]:
+    """Draw a heatmap over a grey copy of the image, with the colour scale clipped at ``CLIP_PERCENTILE``.
+
+    Returns
+    -------
+    tuple
+        The heatmap's image, the colour bar's ``extend`` (see
+        :func:`colorbar_extend`), and a colour-bar label when the percentile
+        limit clips some values, else ``None``.
+    """
+    values = explanation.attribution
+    if explanation.image is not None:
+        # A grey copy of the photo keeps the colours of the map readable.
+        ax.imshow(explanation.image.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+    percentile = _ordinal(CLIP_PERCENTILE)
+
+    if explanation.kind == KIND_SIGNED:
+        limit = _symmetric_limit(values)
+        mappable = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=HEATMAP_ALPHA + 0.15)
+        extend = colorbar_extend(values, -limit, limit)
+        label = f"|value| clipped at the {percentile} percentile" if extend != "neither" else None
+        return mappable, extend, label
+
+    top = float(np.percentile(values, CLIP_PERCENTILE)) if values.size else 0.0
+    top = top if top > 0 else 1.0
+    mappable = ax.imshow(values, cmap="inferno", vmin=0, vmax=top, alpha=HEATMAP_ALPHA)
+    extend = colorbar_extend(values, 0.0, top)
+    # Only the top of this scale comes from the percentile, the bottom is zero.
+    label = f"clipped at the {percentile} percentile" if extend in ("max", "both") else None
+    return mappable, extend, label
+
+
 def draw_explanation(ax: Axes, explanation: Explanation, colorbar: bool = True, title: str | None = None) -> None:
-    """Draw one explanation into ``ax``: a heatmap over the image, a feature-map grid, tiles or a rendering."""
+    """Draw one explanation into ``ax``: a heatmap over the image, a feature-map grid, tiles or a rendering.
+
+    A heatmap's colour scale ends at the ``CLIP_PERCENTILE`` percentile. When
+    values lie beyond it, the colour bar gets arrow ends and a label naming the percentile.
+    """
     figure = ax.figure
     values = explanation.attribution
-    image = explanation.image
     mappable = None
+    extend = "neither"
+    clip_label = None
 
     if explanation.kind in (KIND_HEATMAP, KIND_SIGNED):
-        if image is not None:
-            # A grey copy of the photo keeps the colours of the map readable.
-            ax.imshow(image.mean(axis=2), cmap="gray", vmin=0, vmax=1)
-        if explanation.kind == KIND_SIGNED:
-            limit = _symmetric_limit(values)
-            mappable = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=HEATMAP_ALPHA + 0.15)
-        else:
-            top = float(np.percentile(values, CLIP_PERCENTILE)) if values.size else 0.0
-            mappable = ax.imshow(values, cmap="inferno", vmin=0, vmax=top if top > 0 else 1.0, alpha=HEATMAP_ALPHA)
+        mappable, extend, clip_label = _draw_heatmap(ax, explanation)
     elif explanation.kind == KIND_MAPS:
         shown = values[:MONTAGE_CHANNELS]
         grid = montage(shown)
@@ -105,7 +161,9 @@ def draw_explanation(ax: Axes, explanation: Explanation, colorbar: bool = True, 
         raise ValueError(f"unknown explanation kind {explanation.kind!r}")
 
     if mappable is not None and colorbar:
-        figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+        bar = figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03, extend=extend)
+        if clip_label:
+            bar.set_label(clip_label, fontsize=8)
     ax.set_title(title or explanation.method, fontsize=10)
     ax.set_axis_off()
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from atlas.errors import QueryError
-from atlas.explain.base import KIND_HEATMAP, KIND_SIGNED, ExplainRun, Explanation, explain_run, seeded
+from atlas.explain.base import KIND_HEATMAP, KIND_SIGNED, ExplainRun, Explanation, check_positive, explain_run, seeded
 from atlas.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -136,11 +136,6 @@ def make_baselines(specs: Baseline | Sequence[Baseline], run: ExplainRun) -> tor
     return baselines
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise QueryError(f"{name} must be a positive integer, got {value!r}")
-
-
 def saliency(
     model: nn.Module | LoadedModel,
     image: torch.Tensor | Image.Image,
@@ -193,8 +188,8 @@ def saliency(
     from captum.attr import NoiseTunnel, Saliency
 
     method = "smoothgrad" if smooth else "saliency"
-    _check_positive("samples", samples)
-    _check_positive("batch_size", batch_size)
+    check_positive("samples", samples)
+    check_positive("batch_size", batch_size)
     if noise < 0:
         raise QueryError(f"noise must be non-negative, got {noise}")
     with explain_run(method, model, image, target=target, class_names=class_names, mean=mean, std=std) as run:
@@ -289,8 +284,8 @@ def integrated_gradients(
     """
     from captum.attr import IntegratedGradients
 
-    _check_positive("steps", steps)
-    _check_positive("batch_size", batch_size)
+    check_positive("steps", steps)
+    check_positive("batch_size", batch_size)
     if quadrature not in QUADRATURES:
         raise QueryError(
             f"unsupported quadrature {quadrature!r}; use one of {', '.join(QUADRATURES)} "
@@ -391,7 +386,7 @@ def gradient_shap(
     """
     from captum.attr import GradientShap
 
-    _check_positive("samples", samples)
+    check_positive("samples", samples)
     if noise < 0:
         raise QueryError(f"noise must be non-negative, got {noise}")
     with explain_run("gradientshap", model, image, target=target, class_names=class_names, mean=mean, std=std) as run:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from atlas.errors import QueryError
-from atlas.explain.base import KIND_SIGNED, Explanation, display_image, explain_run, seeded
+from atlas.explain.base import KIND_SIGNED, Explanation, check_positive, display_image, explain_run, seeded
 from atlas.explain.gradients import Baseline, make_baseline
 from atlas.models import LoadedModel
 
@@ -127,9 +127,9 @@ def lime_superpixels(
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import Lime
 
-    for name, value in (("segments", segments), ("samples", samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise QueryError(f"{name} must be a positive integer, got {value!r}")
+    check_positive("segments", segments)
+    check_positive("samples", samples)
+    check_positive("batch_size", batch_size)
     if kernel_width <= 0 or alpha < 0:
         raise QueryError(f"kernel_width must be positive and alpha non-negative, got {kernel_width} and {alpha}")
 

@@ -69,6 +69,41 @@ def test_folder_skips_undecodable_files(tmp_path, tiny_file_spec, caplog):
     assert "broken.png" in caplog.text
 
 
+def test_folder_explains_nested_images(tmp_path, tiny_file_spec):
+    folder = tmp_path / "in"
+    top = make_images(folder, 1, size=40)[0]
+    nested = make_images(folder / "deep" / "deeper", 1, size=40, seed=1)[0]
+    (folder / "deep" / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+
+    result = _run(str(folder), "--method", "saliency", "--model", tiny_file_spec, "-o", str(out))
+
+    assert result.exit_code == 0, result.output
+    written = {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
+    assert written == {
+        f"{top.stem}.saliency.npy",
+        f"{top.stem}.saliency.png",
+        f"deep/deeper/{nested.stem}.saliency.npy",
+        f"deep/deeper/{nested.stem}.saliency.png",
+    }
+
+
+def test_same_names_in_subfolders_kept_apart(tmp_path, tiny_file_spec):
+    folder = tmp_path / "in"
+    first = make_images(folder / "a", 1, size=40, seed=0)[0]
+    second = make_images(folder / "b", 1, size=40, seed=1)[0]
+    assert first.name == second.name
+    out = tmp_path / "out"
+
+    result = _run(str(folder), "--method", "saliency", "--model", tiny_file_spec, "-o", str(out))
+
+    assert result.exit_code == 0, result.output
+    first_map = np.load(out / "a" / f"{first.stem}.saliency.npy")
+    second_map = np.load(out / "b" / f"{second.stem}.saliency.npy")
+    assert not np.array_equal(first_map, second_map)
+    assert not list(out.glob("*.npy"))
+
+
 def test_target_by_name(tmp_path, tiny_file_spec, photo):
     out = tmp_path / "out"
     result = _run(str(photo), "--method", "saliency", "--model", tiny_file_spec, "--target", "CLASS 7", "-o", str(out))

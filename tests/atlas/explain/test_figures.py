@@ -8,7 +8,15 @@ from PIL import Image
 from skimage import data
 
 from atlas.explain.base import Explanation
-from atlas.explain.figures import describe, montage, plot_explanation, plot_explanations, save_figure, short_class_name
+from atlas.explain.figures import (
+    CLIP_PERCENTILE,
+    describe,
+    montage,
+    plot_explanation,
+    plot_explanations,
+    save_figure,
+    short_class_name,
+)
 
 
 def _explanation(method: str, kind: str, attribution: np.ndarray, **extras) -> Explanation:
@@ -79,6 +87,51 @@ def test_constant_heatmap_plots(tmp_path):
     figure = plot_explanation(_explanation("saliency", "heatmap", np.zeros((16, 16), np.float32)))
     save_figure(figure, tmp_path / "zero.png")
     assert (tmp_path / "zero.png").is_file()
+
+
+def _heatmap_colorbar(figure):
+    # The last image drawn on the first axes is the heatmap, under it lies the grey photo.
+    return figure.axes[0].images[-1].colorbar
+
+
+@pytest.mark.parametrize(("kind", "expected_extend"), [("heatmap", "max"), ("signed-heatmap", "both")])
+def test_outlier_extends_colorbar(kind, expected_extend):
+    values = np.random.default_rng(5).random((32, 32)).astype(np.float32)
+    if kind == "signed-heatmap":
+        values = values - 0.5
+        values[0, 0] = -1000.0
+    values[5, 5] = 1000.0
+
+    bar = _heatmap_colorbar(plot_explanation(_explanation("saliency", kind, values)))
+
+    assert bar.extend == expected_extend
+    assert f"clipped at the {CLIP_PERCENTILE:g}th percentile" in bar.ax.get_ylabel()
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "signed-heatmap"])
+def test_map_without_outliers_not_extended(kind):
+    # Blocks of equal values: the percentile limit equals the max |value|, so nothing is clipped.
+    values = np.zeros((32, 32), np.float32)
+    values[:8] = 1.0
+    if kind == "signed-heatmap":
+        values[-8:] = -1.0
+
+    bar = _heatmap_colorbar(plot_explanation(_explanation("saliency", kind, values)))
+
+    assert bar.extend == "neither"
+    assert bar.ax.get_ylabel() == ""
+
+
+def test_combined_figure_marks_clipped_panel():
+    values = np.random.default_rng(6).random((32, 32)).astype(np.float32)
+    values[3, 3] = 1000.0
+    explanations = {"saliency": _explanation("saliency", "heatmap", values)}
+
+    figure = plot_explanations(explanations, columns=2)
+
+    bar = figure.axes[1].images[-1].colorbar
+    assert bar.extend == "max"
+    assert "percentile" in bar.ax.get_ylabel()
 
 
 def test_plot_explanations_needs_input():

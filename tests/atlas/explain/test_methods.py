@@ -230,6 +230,20 @@ def test_explain_rejects_unknown_option(tiny_model, tiny_image):
         explain(tiny_model, tiny_image, "integrated-gradients", n_steps=10)
 
 
+@pytest.mark.parametrize(("method", "option", "value"), [
+    ("saliency", "samples", 0),
+    ("smoothgrad", "batch_size", -2),
+    ("integrated-gradients", "steps", True),
+    ("gradientshap", "samples", 2.5),
+    ("lime", "segments", 0),
+    ("lime", "samples", "8"),
+    ("lime", "batch_size", 0),
+])
+def test_counts_must_be_positive_integers(tiny_model, tiny_image, method, option, value):
+    with pytest.raises(QueryError, match=f"{option} must be a positive integer, got {value!r}"):
+        explain(tiny_model, tiny_image, method, **{option: value})
+
+
 @pytest.mark.parametrize("target", [10, -1, True, "3"])
 def test_explain_rejects_bad_target(tiny_model, tiny_image, target):
     with pytest.raises(QueryError, match="target"):
