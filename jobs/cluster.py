@@ -87,6 +87,7 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
                     threads_per_worker=config.threads_per_worker,
                     processes=processes,
                     memory_limit=config.memory_limit or "auto",
+                    **({"preload": ["jobs.worker_setup"]} if processes else {}),
                     # Local only; port 0 avoids clashing with another cluster on 8787.
                     dashboard_address="127.0.0.1:0",
                 )
@@ -96,10 +97,31 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
     logger.info("Dask scheduler %s with %d workers", client.scheduler.address, len(client.scheduler_info()["workers"]))
     try:
         yield client
+    except KeyboardInterrupt:
+        if cluster is not None:
+            _quiet_distributed(client)
+        raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _set_distributed_level(level: int) -> None:
+    logging.getLogger("distributed").setLevel(level)
+
+
+def _quiet_distributed(client: Client) -> None:
+    """Keep Dask to errors in this process and in the workers, before an interrupted job closes its cluster.
+
+    Closing the cluster cancels the shard that is running, and each worker
+    would log that as a warning with a traceback.
+    """
+    _set_distributed_level(logging.ERROR)
+    try:
+        client.run(_set_distributed_level, logging.ERROR, wait=True)
+    except Exception as error:  # noqa: BLE001 - the job is stopping anyway
+        logger.debug("could not quiet the workers' Dask logs: %s", error)
 
 
 def torch_threads_per_task(config: ComputeConfig) -> int:

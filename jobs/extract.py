@@ -60,6 +60,19 @@ def _settings(config: AtlasConfig, store: str, layer_shapes: dict[str, list[int]
     )
 
 
+def _check_same_job(group, store: str, config: AtlasConfig, items: list[str]) -> None:
+    """Raise ConfigError unless ``group`` was extracted with this configuration and image list."""
+    if group.attrs.get("config_digest") != config.digest():
+        difference = "another extraction configuration"
+    elif group.attrs.get("dataset_fingerprint") != fingerprint(items):
+        difference = f"another image list ({int(group.attrs.get('n_images', 0)):,} images then, {len(items):,} now)"
+    else:
+        return
+    raise ConfigError(
+        f"store {store} was extracted with {difference}; pass --force to overwrite it, or choose another --store"
+    )
+
+
 def _prepare_store(
     config: AtlasConfig, store: str, items: list[str], force: bool, describe: Callable[[], dict]
 ) -> dict[str, list[int]]:
@@ -77,11 +90,7 @@ def _prepare_store(
         except StoreError:
             group = None
         if group is not None:
-            if group.attrs.get("config_digest") != digest or group.attrs.get("dataset_fingerprint") != data_print:
-                raise ConfigError(
-                    f"store {store} was extracted with another configuration or image list; "
-                    "pass --force to overwrite it, or choose another --store"
-                )
+            _check_same_job(group, store, config, items)
             return dict(group.attrs["layer_shapes"])
 
     model = describe()
@@ -146,16 +155,17 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
         and worker_peak_memory_mib (peak resident memory of each worker process).
     """
     store = config.store if is_store_url(config.store) else str(Path(config.store).resolve())
-    if store_exists(store) and not force:
-        try:
-            if stage_done(open_store(store), "extract"):
-                logger.info("extract: %s is already complete; pass --force to redo it", store)
-                return dict(open_store(store).attrs["stages"]["extract"])
-        except StoreError:
-            pass
-
     items = list_items(config.images, config.sample.crops_per_photo)
     logger.info("extract: %d images from %s", len(items), config.images)
+    if store_exists(store) and not force:
+        try:
+            group = open_store(store)
+        except StoreError:
+            group = None
+        if group is not None and stage_done(group, "extract"):
+            _check_same_job(group, store, config, items)
+            logger.info("extract: %s is already complete; pass --force to redo it", store)
+            return dict(group.attrs["stages"]["extract"])
     start = time.perf_counter()
     duplicates = _duplicate_reasons(items)
     show = sys.stderr.isatty() if progress is None else progress
@@ -191,10 +201,15 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             n_todo_images = sum(min(settings.shard_size, len(items) - shard * settings.shard_size) for shard in todo)
             bar = tqdm(total=len(items), unit="img", disable=not show, desc="extract")
             bar.update(len(items) - n_todo_images)
-            for future in as_completed(futures):
-                result = future.result()
-                bar.update(result.n_images)
-                logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    bar.update(result.n_images)
+                    logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
+            except KeyboardInterrupt:
+                bar.close()
+                _interrupted(group, store)
+                raise
             bar.close()
             peaks = client.run(peak_memory_mib)
             summary = _finish(group, items, n_todo_images, start, peaks)
@@ -203,6 +218,15 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
         summary["n_images"], summary["n_rejected"], summary["n_valid_rows"], summary["seconds"],
     )
     return summary
+
+
+def _interrupted(group, store: str) -> None:
+    """Log how far an interrupted job got and how to resume it."""
+    done = np.asarray(group["extract/shard_done"][:])
+    logger.warning(
+        "extract: interrupted with %d of %d shards complete; run the same command again to resume %s",
+        int(done.sum()), len(done), store,
+    )
 
 
 def _finish(group, items: list[str], n_todo_images: int, start: float, peaks: dict[str, float]) -> dict:
@@ -223,8 +247,14 @@ def _finish(group, items: list[str], n_todo_images: int, start: float, peaks: di
     # Images processed by this run only: resumed shards do not count.
     summary["images_per_second"] = round(n_todo_images / max(summary["seconds"], 1e-9), 2)
     reasons = Counter(reason for reason in status if reason != "ok")
-    for reason, count in reasons.most_common(5):
-        logger.warning("extract: %d images rejected: %s", count, reason)
+    if reasons:
+        # The workers log each file; this line sums them up by reason.
+        counts = "; ".join(f"{count} × {reason}" for reason, count in reasons.most_common(5))
+        more = f"; {len(reasons) - 5} more reasons" if len(reasons) > 5 else ""
+        logger.warning(
+            "extract: %d of %d images rejected, by reason: %s%s. `atlas info` lists them",
+            summary["n_rejected"], len(items), counts, more,
+        )
     summary["worker_peak_memory_mib"] = {address: round(mib, 1) for address, mib in sorted(peaks.items())}
     mark_stage(group, "extract", **summary)
     return summary

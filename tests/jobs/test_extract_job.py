@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 
 import numpy as np
@@ -46,11 +48,17 @@ def test_rows_match_direct_forward(tiny_spec, image_folder, tmp_path):
     assert group["samples/valid"][:].all()
 
 
-def test_bad_inputs_recorded(tiny_spec, tmp_path):
+def test_bad_inputs_recorded(tiny_spec, tmp_path, caplog):
     expected = write_bad_folder(tmp_path / "bad")
     config = tiny_config(tiny_spec, tmp_path / "bad", tmp_path / "s.zarr")
-    summary = run_extract(config, progress=False)
+    with caplog.at_level(logging.WARNING):
+        summary = run_extract(config, progress=False)
     ok_names = {name for name, outcome in expected.items() if outcome == "ok"}
+    per_file = [record for record in caplog.records if record.getMessage().startswith("skipping ")]
+    totals = [record.getMessage() for record in caplog.records if "images rejected" in record.getMessage()]
+    assert len(per_file) == len(expected) - len(ok_names)
+    assert len(totals) == 1
+    assert f"{len(per_file)} of {len(expected)} images rejected, by reason: " in totals[0]
     assert summary["n_ok"] == len(ok_names)
     info = store_info(config.store)
     rejected = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in info["rejected"]}
@@ -90,9 +98,24 @@ def test_completed_store_is_noop_and_changed_config_refused(tiny_spec, image_fol
     assert open_store(config.store).attrs["stages"]["extract"]["finished"] == stamp
 
     changed = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr", "extract.per_image=3")
-    open_store(config.store, mode="r+").attrs["stages"] = {}
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match="another extraction configuration"):
         run_extract(changed, progress=False)
+    open_store(config.store, mode="r+").attrs["stages"] = {}
+    with pytest.raises(ConfigError, match="another extraction configuration"):
+        run_extract(changed, progress=False)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_changed_image_folder_refused(tiny_spec, image_folder, tmp_path, complete):
+    images = shutil.copytree(image_folder, tmp_path / "images")
+    config = tiny_config(tiny_spec, images, tmp_path / "s.zarr")
+    run_extract(config, progress=False)
+    if not complete:
+        open_store(config.store, mode="r+").attrs["stages"] = {}
+    shutil.copy(sorted(images.glob("*.png"))[0], images / "zz-added.png")
+
+    with pytest.raises(ConfigError, match=r"another image list \(20 images then, 21 now\)"):
+        run_extract(config, progress=False)
 
 
 def test_live_lock_refused_and_stale_taken_over(tiny_spec, image_folder, tmp_path):
@@ -169,3 +192,30 @@ def test_unreadable_image_recorded(tiny_spec, image_folder, tmp_path, monkeypatc
     rejected = store_info(config.store)["rejected"]
     assert [item["path"] for item in rejected] == [str(locked)]
     assert rejected[0]["reason"] == "permission denied"
+
+
+def test_interrupt_logs_progress_then_resumes(tiny_spec, image_folder, tmp_path, monkeypatch, caplog):
+    import jobs.extract
+
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr", "extract.shard_size=4")
+    real_as_completed = jobs.extract.as_completed
+
+    def interrupted_after_one(futures):
+        for count, future in enumerate(real_as_completed(futures)):
+            if count == 1:
+                raise KeyboardInterrupt
+            yield future
+
+    monkeypatch.setattr(jobs.extract, "as_completed", interrupted_after_one)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        run_extract(config, progress=False)
+    messages = [record.getMessage() for record in caplog.records if "interrupted" in record.getMessage()]
+    assert len(messages) == 1
+    logged = re.search(r"interrupted with (\d+) of 5 shards complete", messages[0])
+    # A shard that was running when the interrupt came may still finish before the cluster closes.
+    assert 1 <= int(logged.group(1)) <= int(open_store(config.store)["extract/shard_done"][:].sum())
+
+    monkeypatch.setattr(jobs.extract, "as_completed", real_as_completed)
+    summary = run_extract(config, progress=False)
+    assert summary["n_ok"] == 20
+    assert open_store(config.store)["extract/shard_done"][:].all()
