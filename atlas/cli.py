@@ -172,20 +172,29 @@ def _serve(stores: list[str], config: AtlasConfig, *, port: int | None, host: st
 
 
 @main.command()
-@click.argument("stores", nargs=-1, required=True)
+@click.argument("stores", nargs=-1, metavar="[STORE]...")
+@click.option("--store", "store_options", multiple=True, metavar="PATH",
+              help="Feature store to serve (a .zarr folder), like a STORE argument. Repeatable.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML configuration file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set serve.max_upload_mb=5.")
 @click.option("--host", help="Interface to bind (default 127.0.0.1; 0.0.0.0 exposes the explorer to the network).")
 @click.option("--port", type=int, help="Port to listen on (default 5006).")
 @click.option("--show", is_flag=True, help="Open the explorer in a browser.")
-def serve(stores, config_path, overrides, host, port, show):
-    """Serve the atlas explorer for one or more STORES."""
+def serve(stores, store_options, config_path, overrides, host, port, show):
+    """Serve the atlas explorer for one or more stores.
+
+    Stores given as STORE arguments come first in the explorer's store list,
+    then those given with --store.
+    """
     from atlas.store import open_store
 
-    for path in stores:
+    paths = [*stores, *store_options]
+    if not paths:
+        raise click.UsageError("no store given; pass one or more stores as `atlas serve STORE...` or `atlas serve --store STORE`")
+    for path in paths:
         open_store(path)
     config = load_config(config_path, list(overrides))
-    _serve(list(stores), config, port=port, host=host, show=show)
+    _serve(paths, config, port=port, host=host, show=show)
 
 
 @main.command()
@@ -196,10 +205,17 @@ def serve(stores, config_path, overrides, host, port, show):
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 def query(store, image, k, layer, as_json):
     """Find the dataset activations nearest to IMAGE's activations."""
+    from atlas.errors import ImageDecodeError
     from atlas.images import decode_image
     from atlas.query import query_image
 
-    result = query_image(store, decode_image(image), k=k, layer=layer)
+    try:
+        decoded = decode_image(image)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(
+            f"cannot decode image {image}: {error}; pass an image file that Pillow can read (JPEG, PNG, ...)"
+        ) from error
+    result = query_image(store, decoded, k=k, layer=layer)
     data = result.to_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2))

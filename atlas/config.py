@@ -109,7 +109,14 @@ class GridConfig(_Section):
 class RenderConfig(_Section):
     """Activation maximization of one icon per grid cell."""
 
-    grid_sizes: list[int] | None = Field(default_factory=lambda: [20, 40])
+    # Grid sizes to render. null picks sizes from the store's grids: the
+    # coarsest always, then finer ones while the total of icons stays within
+    # max_icons. A list renders exactly those sizes and ignores max_icons.
+    grid_sizes: list[int] | None = None
+    # Icon budget when grid_sizes is null. The demo's 20 and 40 grids hold
+    # 718 non-empty cells and its 80 grid 1,560 more (docs/benchmarks.md),
+    # so 1,000 renders the first two and skips the 80 grid.
+    max_icons: int = Field(1000, ge=1)
     # Icon side in pixels. The network input is size + 2 * pad, so the default
     # 64 gives EfficientNet-Lite0's blocks.4 (stride 16) a 4 x 4 map. Lucid's
     # `render_icons` defaults to 80 px and 128 steps. 64 px and 64 steps cost
@@ -137,6 +144,15 @@ class RenderConfig(_Section):
     # Maximum side length of the mosaic PNG in pixels. Icons are shrunk to fit.
     mosaic_max_px: int = Field(4096, ge=16)
     seed: int = 0
+
+    @field_validator("grid_sizes")
+    @classmethod
+    def _positive_grid_sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(size < 1 for size in value)):
+            raise ValueError(
+                f"grid_sizes must be null (sizes chosen by max_icons) or a non-empty list of positive integers, got {value}"
+            )
+        return value
 
     @field_validator("scale_range")
     @classmethod

@@ -145,7 +145,7 @@ class Explorer:
         self.store = state.get_store(request.store)
         self.layer_name = resolve_layer(request, self.store.layers)
         self.layer = self.store.layer(self.layer_name)
-        self.size = self.layer.sizes[0]
+        self.size = self.layer.home_size()
 
         self._build_plot()
         self._build_widgets()
@@ -309,17 +309,16 @@ class Explorer:
     def _apply_request(self, request: ViewRequest) -> None:
         self.store_select.value = str(self.store.index)
         self._reset_store_widgets()
-        zoom = resolve_zoom(request, self.layer.sizes)
+        # Without a zoom argument the session opens on the home grid, which is
+        # the coarsest grid with the whole layout visible unless that grid has no icons.
+        zoom = resolve_zoom(request, self.layer.sizes) or self.layer.home_size()
         class_id = resolve_class(request.class_text, self.store.class_names, request)
-        cell = resolve_cell(request, zoom or self.layer.sizes[0])
+        cell = resolve_cell(request, zoom)
 
-        if zoom is not None:
-            span = span_for_level(self.layer.sizes, zoom)
-            centre = ((cell[1] + 0.5) / zoom, (cell[0] + 0.5) / zoom) if cell else (0.5, 0.5)
-            self._set_view(centre, span)
-            self._show_level(zoom)
-        else:
-            self._show_level(self.layer.sizes[0])
+        span = span_for_level(self.layer.sizes, zoom)
+        centre = ((cell[1] + 0.5) / zoom, (cell[0] + 0.5) / zoom) if cell else (0.5, 0.5)
+        self._set_view(centre, span)
+        self._show_level(zoom)
         if class_id is not None:
             self.class_input.value = self.store.class_names[class_id]
         if cell is not None:
@@ -341,6 +340,12 @@ class Explorer:
             f"model {html.escape(self.store.model_spec)} · layer {html.escape(self.layer_name)}</span><br>"
             "<span class='muted'>Scroll to zoom, drag to pan, tap a cell for details.</span></div>"
         )
+
+    def _show_home(self) -> None:
+        """Show the layer's home grid (``LayerData.home_size``), zoomed so that automatic zoom keeps it."""
+        size = self.layer.home_size()
+        self._set_view((0.5, 0.5), span_for_level(self.layer.sizes, size))
+        self._show_level(size)
 
     def _set_view(self, centre: tuple[float, float], span: float) -> None:
         span = min(1.0, max(self._min_span(), span))
@@ -392,7 +397,7 @@ class Explorer:
         self.store = state.get_store(store_index)
         self.layer_name = layer_name
         self.layer = self.store.layer(layer_name)
-        self.size = self.layer.sizes[0]
+        self.size = self.layer.home_size()
         self.upload_result = None
         self.detail_cell = None
         self.class_id = None
@@ -405,8 +410,7 @@ class Explorer:
         self.x_range.min_interval = self._min_span()
         self.y_range.min_interval = self._min_span()
         self.auto_zoom = True
-        self._set_view((0.5, 0.5), 1.0)
-        self._show_level(self.layer.sizes[0])
+        self._show_home()
         self.doc.title = f"Activation Atlas · {self.store.name}"
 
     # ------------------------------------------------------------------ callbacks
@@ -541,7 +545,7 @@ class Explorer:
         neighbors = self.config.neighbors
 
         def work() -> tuple[UploadResult, Any]:
-            image = read_upload(value, max_bytes)
+            image = read_upload(value, max_bytes, name=filename)
             return search_upload(store, layer, image, filename, neighbors), image
 
         def apply(future: Future) -> None:

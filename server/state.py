@@ -128,12 +128,27 @@ class LayerData:
     def _finest_icon_px(self) -> int:
         return max((level.icon_px for level in self.levels.values()), default=0)
 
+    def has_own_icons(self, size: int) -> bool:
+        """Return whether grid ``size`` has at least one rendered icon, not counting icons borrowed from a coarser grid."""
+        level = self.levels[size]
+        return level.icons is not None and bool(level.icon_done.any())
+
+    def home_size(self) -> int:
+        """Return the grid size a session opens on.
+
+        Automatic zoom shows the coarsest grid when the whole layout is
+        visible, so that grid is the home grid when it has icons of its own.
+        Otherwise the home grid is the coarsest grid that has icons, and the
+        coarsest grid when none has.
+        """
+        with_icons = [size for size in self.sizes if self.has_own_icons(size)]
+        return with_icons[0] if with_icons else self.sizes[0]
+
     def _fallback_size(self, size: int) -> int | None:
         """Return the finest coarser grid with rendered icons that tiles ``size`` exactly, if any."""
         candidates = [
             other for other in self.sizes
-            if other < size and size % other == 0 and self.levels[other].icons is not None
-            and self.levels[other].icon_done.any()
+            if other < size and size % other == 0 and self.has_own_icons(other)
         ]
         return candidates[-1] if candidates else None
 

@@ -143,8 +143,11 @@ def decode_upload(value: object, max_bytes: int) -> bytes:
     return data
 
 
-def read_upload(value: object, max_bytes: int) -> Image.Image:
+def read_upload(value: object, max_bytes: int, name: str = "upload") -> Image.Image:
     """Decode an upload into an RGB image.
+
+    ``name`` is the file name that log messages of the decoder show, such as
+    a warning about malformed EXIF data.
 
     Raises
     ------
@@ -153,7 +156,7 @@ def read_upload(value: object, max_bytes: int) -> Image.Image:
     ImageDecodeError
         The bytes are not a decodable image (the message gives the reason).
     """
-    return decode_image(decode_upload(value, max_bytes), name="upload")
+    return decode_image(decode_upload(value, max_bytes), name=name)
 
 
 def _thumbnail(image: Image.Image, side: int = THUMBNAIL_PX) -> str:

@@ -45,9 +45,78 @@ def grid_sizes(group: zarr.Group, layer: str) -> list[int]:
     return sorted(int(name) for name in grids.group_keys() if name.isdigit())
 
 
+def filled_cells(grid: zarr.Group) -> np.ndarray:
+    """Return the (S, S) bool mask of a grid's non-empty cells, those with at least ``min_count`` rows."""
+    count = np.asarray(grid["count"][:])
+    min_count = int(grid.attrs.get("min_count", 1))
+    return count >= max(min_count, 1)
+
+
+def budget_sizes(icon_counts: dict[int, int], max_icons: int) -> tuple[list[int], list[int]]:
+    """Pick grid sizes from the coarsest up while their total of icons stays within ``max_icons``.
+
+    The coarsest size is always picked, even above the budget, and picking
+    stops at the first size that would exceed it.
+
+    Parameters
+    ----------
+    icon_counts
+        Grid size to its number of non-empty cells, one icon each.
+    max_icons
+        Icon budget over the picked sizes.
+
+    Returns
+    -------
+    tuple of list of int
+        ``(picked, skipped)``, both ascending.
+    """
+    ordered = sorted(icon_counts)
+    picked = ordered[:1]
+    total = sum(icon_counts[size] for size in picked)
+    for size in ordered[1:]:
+        if total + icon_counts[size] > max_icons:
+            break
+        picked.append(size)
+        total += icon_counts[size]
+    return picked, ordered[len(picked):]
+
+
+def _choose_sizes(group: zarr.Group, layer: str, available: list[int], config: RenderConfig) -> list[int]:
+    """Return the grid sizes to render: ``config.grid_sizes`` found in the store, or those within ``config.max_icons``."""
+    if config.grid_sizes is not None:
+        requested = sorted(set(config.grid_sizes))
+        missing = [size for size in requested if size not in available]
+        sizes = [size for size in requested if size in available]
+        if not sizes:
+            raise StoreError(
+                f"none of the grid sizes {missing} is in the store for layer {layer}; it has {available}: "
+                "set render.grid_sizes to some of them, or null to pick them by render.max_icons"
+            )
+        if missing:
+            logger.warning("render: grid sizes %s are not in the store for layer %s; rendering %s", missing, layer, sizes)
+        return sizes
+
+    icon_counts = {size: int(filled_cells(group[f"grids/{layer}/{size}"]).sum()) for size in available}
+    sizes, skipped = budget_sizes(icon_counts, config.max_icons)
+    total = sum(icon_counts[size] for size in sizes)
+    if total > config.max_icons:
+        logger.warning(
+            "render: the coarsest grid %d of layer %s has %d non-empty cells, above render.max_icons=%d, "
+            "and is rendered anyway because the explorer needs icons of at least one grid",
+            sizes[0], layer, total, config.max_icons,
+        )
+    if skipped:
+        logger.info(
+            "render: skipping grid sizes %s of layer %s (%s non-empty cells), because %d icons are already picked "
+            "and render.max_icons is %d. Raise render.max_icons or set render.grid_sizes to render them",
+            skipped, layer, ", ".join(str(icon_counts[size]) for size in skipped), total, config.max_icons,
+        )
+    return sizes
+
+
 def _icon_settings(config: RenderConfig, source: str) -> dict[str, Any]:
-    # Settings that change an icon's pixels. Batch size and the mosaic do not.
-    settings = config.model_dump(exclude={"grid_sizes", "batch_size", "mosaic_max_px"})
+    # Settings that change an icon's pixels. The size choice, batch size and mosaic do not.
+    settings = config.model_dump(exclude={"grid_sizes", "max_icons", "batch_size", "mosaic_max_px"})
     settings["scale_range"] = list(settings["scale_range"])
     settings["source"] = source
     return settings
@@ -140,9 +209,8 @@ def _render_grid(
 ) -> tuple[int, int]:
     """Render the missing icons of one grid and return ``(rendered now, rendered in all)``."""
     grid = group[f"grids/{layer}/{size}"]
-    count = np.asarray(grid["count"][:])
     min_count = int(grid.attrs.get("min_count", 1))
-    filled = count >= max(min_count, 1)
+    filled = filled_cells(grid)
 
     source = "mean"
     if config.whiten:
@@ -207,8 +275,10 @@ def run_render(
     store_path
         A local store folder (the mosaic is a sidecar file).
     config
-        Render settings; ``config.grid_sizes`` ``None`` renders every size
-        found under ``grids/<layer>/``.
+        Render settings. ``config.grid_sizes`` ``None`` renders the sizes
+        found under ``grids/<layer>/`` from the coarsest up, while their
+        non-empty cells total at most ``config.max_icons`` (the coarsest
+        size always). A list renders the listed sizes the store has.
     layer
         ``None`` is the store's primary layer.
     force
@@ -230,8 +300,8 @@ def run_render(
     StageNotReadyError
         The grid stage has not run for the layer.
     StoreError
-        A requested grid size is missing, or icons exist with other settings
-        and ``force`` is false.
+        None of the listed grid sizes is in the store, or icons exist with
+        other settings and ``force`` is false.
     """
     began = time.perf_counter()
     group = open_store(store_path, mode="r+")
@@ -241,16 +311,7 @@ def run_render(
         raise StageNotReadyError(
             f"store {store_path} has no completed grids for layer {layer}; run `atlas grid {store_path}` first"
         )
-    sizes = sorted(set(config.grid_sizes)) if config.grid_sizes else available
-    missing = [size for size in sizes if size not in available]
-    sizes = [size for size in sizes if size in available]
-    if not sizes:
-        raise StoreError(
-            f"none of the grid sizes {missing} is in the store for layer {layer}; it has {available}: "
-            "set render.grid_sizes to some of them, or null for all"
-        )
-    if missing:
-        logger.warning("render: grid sizes %s are not in the store for layer %s; rendering %s", missing, layer, sizes)
+    sizes = _choose_sizes(group, layer, available, config)
 
     record = dict(group.attrs.get("stages", {}).get(f"render:{layer}", {}))
     previous = [] if force else [size for size in record.get("sizes", []) if size in available]

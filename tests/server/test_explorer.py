@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import logging
 import shutil
+from concurrent.futures import Future
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zarr
 from bokeh.document import Document
+from PIL import Image
 
 from atlas.config import ServeConfig
 from server import state
@@ -191,3 +196,92 @@ def test_layer_switch_changes_grid_sizes(built_store: BuiltStore, serve_config: 
     assert explorer.level_renderers[5] in explorer.plot.renderers
     assert explorer.level_sources[5].data["image"][0].shape == (5, 5)
     assert explorer.density_source.data["image"] == []
+
+
+def drop_icons(store_path: str, layer: str, size: int) -> None:
+    """Mark every icon of grid ``size`` as not rendered, as if the render stage had skipped it."""
+    group = zarr.open_group(store_path, mode="r+")
+    done = group[f"grids/{layer}/{size}/icon_done"]
+    done[:] = np.zeros(done.shape, bool)
+
+
+def test_session_opens_on_grid_with_icons(two_stores: list[str], built_store: BuiltStore) -> None:
+    explorer = make_explorer()
+
+    assert explorer.layer.has_own_icons(explorer.size)
+    assert explorer.size == built_store.sizes[0]
+    assert explorer.layer.home_size() == built_store.sizes[0]
+    assert explorer.x_range.start == 0
+    assert explorer.x_range.end == 1
+
+
+def test_session_skips_coarsest_without_icons(built_store: BuiltStore, serve_config: ServeConfig, tmp_path) -> None:
+    copy = tmp_path / "fine_icons.zarr"
+    shutil.copytree(built_store.path, copy)
+    small, large = built_store.sizes
+    drop_icons(str(copy), built_store.layer, small)
+    add_grid_layer(str(copy), "extra", 5)
+    state.configure([str(copy)], serve_config)
+
+    explorer = make_explorer()
+
+    assert explorer.size == large
+    assert explorer.layer.has_own_icons(large)
+    assert not explorer.layer.has_own_icons(small)
+    span = explorer.x_range.end - explorer.x_range.start
+    assert span == pytest.approx(span_for_level(built_store.sizes, large))
+    assert span < 1.0
+    # Automatic zoom keeps the grid at the opening span.
+    explorer._on_ranges(ranges_event(span))
+    assert explorer.size == large
+    assert f"zoom={large}" in explorer.link.text
+
+    # Switching layers back and forth opens on the same grid.
+    explorer.layer_select.value = "extra"
+    assert explorer.size == 5
+    explorer.layer_select.value = built_store.layer
+    assert explorer.size == large
+    assert explorer.x_range.end - explorer.x_range.start == pytest.approx(span)
+
+
+def run_now(work, apply) -> None:
+    """Run an explorer's background work and its callback in the calling thread."""
+    future: Future = Future()
+    try:
+        future.set_result(work())
+    except Exception as error:  # noqa: BLE001 - the callback reads the error from the future
+        future.set_exception(error)
+    apply(future)
+
+
+def half_jpeg() -> bytes:
+    """Return the first half of a 64 x 64 noise JPEG, a truncated file."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("filename", "data", "reason"),
+    [
+        ("notes.png", b"plain text, not pixels", "not an image file"),
+        ("cut.jpg", half_jpeg(), "truncated image file"),
+    ],
+)
+def test_upload_rejection_names_file(
+    two_stores: list[str], caplog: pytest.LogCaptureFixture, filename: str, data: bytes, reason: str
+) -> None:
+    explorer = make_explorer()
+    explorer._submit = run_now
+    explorer.file_input = SimpleNamespace(value=base64.b64encode(data).decode("ascii"), filename=filename)
+
+    with caplog.at_level(logging.INFO, logger="server.explorer"):
+        explorer._start_upload()
+
+    rejected = [record.getMessage() for record in caplog.records if "upload rejected" in record.getMessage()]
+    assert len(rejected) == 1
+    assert f"could not use {filename}: {reason}" in rejected[0]
+    assert filename in explorer.upload_message.text
+    assert explorer.upload_result is None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from atlas.errors import ImageDecodeError, QueryError
 from atlas.query import query_image
@@ -74,6 +75,21 @@ def test_read_upload_rejects_non_image_and_bomb() -> None:
     assert len(buffer.getvalue()) < MEGABYTE
     with pytest.raises(ImageDecodeError, match="decompression-bomb|decompression bomb"):
         read_upload(encode(buffer.getvalue()), MEGABYTE)
+
+
+def test_read_upload_logs_file_name(caplog: pytest.LogCaptureFixture) -> None:
+    # Orientation 6 with a 1/0 XResolution, so the decoder ignores the EXIF block and warns.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x011A] = TiffImagePlugin.IFDRational(1, 0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), 128).save(buffer, format="JPEG", exif=exif.tobytes())
+
+    with caplog.at_level(logging.WARNING, logger="atlas.images"):
+        image = read_upload(encode(buffer.getvalue()), MEGABYTE, name="holiday.jpg")
+
+    assert image.size == (32, 24)
+    assert "ignoring malformed EXIF in holiday.jpg" in caplog.text
 
 
 def test_read_upload_decodes_rgb() -> None:

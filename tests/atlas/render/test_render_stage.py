@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from atlas.config import RenderConfig
 from atlas.errors import StageNotReadyError, StoreError
 from atlas.models import LoadedModel
 from atlas.render import render_directions, run_render
+from atlas.render.stage import budget_sizes
 from atlas.store import create_store, mark_stage, open_store, stage_done
 
 LAYER = "layer2"
@@ -248,3 +250,109 @@ def test_noop_warns_on_changed_settings(
 
     assert info["skipped"] is True
     assert "icons rendered with other settings" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("icon_counts", "max_icons", "picked", "skipped"),
+    [
+        ({20: 176, 40: 542, 80: 1560}, 1000, [20, 40], [80]),
+        ({20: 176, 40: 542, 80: 1560}, 5000, [20, 40, 80], []),
+        ({20: 176, 40: 542, 80: 1560}, 718, [20, 40], [80]),
+        ({20: 176, 40: 542, 80: 1560}, 717, [20], [40, 80]),
+        # Picking stops at the first size over the budget, even when a later one would fit.
+        ({10: 5, 20: 10, 40: 1}, 12, [10], [20, 40]),
+        # The coarsest size is picked even above the budget.
+        ({25: 300, 50: 900}, 100, [25], [50]),
+    ],
+)
+def test_budget_sizes_table(icon_counts: dict[int, int], max_icons: int, picked: list[int], skipped: list[int]) -> None:
+    assert budget_sizes(icon_counts, max_icons) == (picked, skipped)
+
+
+def test_default_config_follows_store_sizes(
+    tmp_path: Path, tiny_model: LoadedModel, tiny_directions: torch.Tensor, fast_config: RenderConfig
+) -> None:
+    # Sizes that no fixed default list would contain.
+    path = tmp_path / "odd.zarr"
+    _make_store(path, tiny_model.spec, tiny_directions, sizes=(25, 50, 100))
+    defaults = RenderConfig()
+    config = fast_config.model_copy(update={"grid_sizes": defaults.grid_sizes, "max_icons": defaults.max_icons})
+
+    info = run_render(path, config, model=tiny_model, progress=False)
+
+    assert defaults.grid_sizes is None
+    assert info["sizes"] == [25, 50, 100]
+    assert info["n_icons"] == 3 * len(FILLED)
+    group = open_store(path)
+    assert group.attrs["stages"][f"render:{LAYER}"]["sizes"] == [25, 50, 100]
+    for size in (25, 50, 100):
+        assert np.asarray(group[f"grids/{LAYER}/{size}/icon_done"][:]).sum() == len(FILLED)
+
+
+def test_budget_stops_before_exceeding_grid(
+    tmp_path: Path, tiny_model: LoadedModel, tiny_directions: torch.Tensor, fast_config: RenderConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every grid has four non-empty cells, so a budget of 8 fits the 3 and 4 grids only.
+    path = tmp_path / "budget.zarr"
+    _make_store(path, tiny_model.spec, tiny_directions, sizes=(3, 4, 5))
+
+    with caplog.at_level(logging.INFO, logger="atlas.render.stage"):
+        info = run_render(path, fast_config.model_copy(update={"max_icons": 8}), model=tiny_model, progress=False)
+
+    group = open_store(path)
+    assert info["sizes"] == [3, 4]
+    assert info["n_icons"] == 8
+    assert "icons" not in group[f"grids/{LAYER}/5"].array_keys()
+    assert not (path / "sidecar" / f"mosaic-{LAYER}-5.png").exists()
+    assert "skipping grid sizes [5] of layer layer2 (4 non-empty cells)" in caplog.text
+    assert "Raise render.max_icons or set render.grid_sizes" in caplog.text
+
+
+def test_budget_keeps_coarsest_grid(
+    tmp_path: Path, tiny_model: LoadedModel, tiny_directions: torch.Tensor, fast_config: RenderConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "coarsest.zarr"
+    _make_store(path, tiny_model.spec, tiny_directions, sizes=(3, 4))
+
+    with caplog.at_level(logging.WARNING, logger="atlas.render.stage"):
+        info = run_render(path, fast_config.model_copy(update={"max_icons": 1}), model=tiny_model, progress=False)
+
+    assert info["sizes"] == [3]
+    assert info["n_icons"] == len(FILLED)
+    assert "the coarsest grid 3 of layer layer2 has 4 non-empty cells, above render.max_icons=1" in caplog.text
+
+
+def test_explicit_sizes_ignore_budget(
+    tmp_path: Path, tiny_model: LoadedModel, tiny_directions: torch.Tensor, fast_config: RenderConfig
+) -> None:
+    path = tmp_path / "explicit.zarr"
+    _make_store(path, tiny_model.spec, tiny_directions, sizes=(3, 4, 5))
+    config = fast_config.model_copy(update={"grid_sizes": [5, 3], "max_icons": 1})
+
+    info = run_render(path, config, model=tiny_model, progress=False)
+
+    assert info["sizes"] == [3, 5]
+    assert info["n_icons"] == 2 * len(FILLED)
+    assert "icons" not in open_store(path)[f"grids/{LAYER}/4"].array_keys()
+
+
+def test_budget_change_keeps_icons(store: Path, tiny_model: LoadedModel, fast_config: RenderConfig) -> None:
+    # The size choice is no icon setting, so a new budget resumes instead of raising.
+    run_render(store, fast_config, model=tiny_model, progress=False)
+    group = open_store(store, mode="r+")
+    stages = dict(group.attrs["stages"])
+    del stages[f"render:{LAYER}"]
+    group.attrs["stages"] = stages
+
+    info = run_render(store, fast_config.model_copy(update={"max_icons": 500}), model=tiny_model, progress=False)
+
+    assert info["rendered"] == 0
+    assert info["n_icons"] == len(FILLED)
+
+
+@pytest.mark.parametrize("grid_sizes", [[], [0, 20], [-4]])
+def test_render_config_rejects_bad_sizes(grid_sizes: list[int]) -> None:
+    with pytest.raises(ValidationError, match="grid_sizes must be null"):
+        RenderConfig(grid_sizes=grid_sizes)
