@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,20 +162,60 @@ def _load_efficientnet_lite0(device: str) -> LoadedModel:
     return _finish(module, "efficientnet_lite0", transform, data_config, device)
 
 
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Put the Hugging Face Hub client in offline mode for the block, so weights come from the cache only.
+
+    Without it, a timm model whose weights are not cached makes the client
+    retry huggingface.co for tens of seconds before failing. The client reads
+    ``constants.is_offline_mode()`` at each request, so setting the constant
+    works after import, unlike the ``HF_HUB_OFFLINE`` variable.
+    """
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _load_timm(name: str, spec: str, pretrained: bool, device: str) -> LoadedModel:
     import timm
 
     try:
-        module = timm.create_model(name, pretrained=pretrained)
+        with _hub_offline():
+            module = timm.create_model(name, pretrained=pretrained)
     except RuntimeError as error:
         raise ModelError(f"timm cannot create model {name!r}: {error}") from error
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"could not load pretrained weights for timm model {name!r} ({error}); "
-            f"put them in the timm/Hugging Face cache, or use `timm:{name}@random` for random weights"
+            f"pretrained weights for timm model {name!r} are not in the Hugging Face cache, and atlas does not "
+            f"download weights ({type(error).__name__}); fetch them once on a machine with internet access with "
+            f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`, or use "
+            f"`timm:{name}@random` for random weights"
         ) from error
     transform, data_config = _timm_transform(module)
     return _finish(module, spec, transform, data_config, device)
+
+
+def _check_hub_cache(url: str, name: str) -> None:
+    """Raise ModelError unless the torch hub cache has the weights file of ``url``.
+
+    torchvision downloads missing weights, and atlas reads weights from local
+    files only.
+    """
+    from urllib.parse import urlparse
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not cached.is_file():
+        raise ModelError(
+            f"weights for torchvision model {name!r} are not in the torch hub cache ({cached}), and atlas does not "
+            f"download weights; fetch them once on a machine with internet access with "
+            f"`python -c \"import torchvision; torchvision.models.get_model('{name}', weights='DEFAULT')\"`, "
+            f"or use `torchvision:{name}@random` for random weights"
+        )
 
 
 def _load_torchvision(name: str, spec: str, pretrained: bool, device: str) -> LoadedModel:
@@ -183,6 +224,11 @@ def _load_torchvision(name: str, spec: str, pretrained: bool, device: str) -> Lo
 
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    except ValueError as error:
+        raise ModelError(f"torchvision has no model {name!r}: {error}") from error
+    if weights is not None:
+        _check_hub_cache(weights.url, name)
+    try:
         kwargs = {"aux_logits": False, "init_weights": False} if name in {"googlenet", "inception_v3"} and not pretrained else {}
         module = torchvision.models.get_model(name, weights=weights, **kwargs)
     except ValueError as error:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 import atlas
 from atlas.config import AtlasConfig
 from atlas.datasets import fingerprint, is_url, list_items
-from atlas.errors import ConfigError, StoreError
+from atlas.errors import AtlasError, ConfigError, StoreError
 from atlas.extract import ExtractSettings, describe_model, peak_memory_mib, process_shard, rows_per_image
 from atlas.store import (
     clear_stage,
@@ -129,6 +129,26 @@ def _prepare_store(
     return shapes
 
 
+def _returning_atlas_error(function: Callable, *args, **kwargs):
+    """Call ``function`` on a worker; return its result, or the AtlasError it raised.
+
+    Dask logs every exception that leaves a task as "Compute Failed" with a
+    traceback. An AtlasError is a user error whose message gives the fix, so
+    it comes back as a value and the driver raises it (``_raise_atlas_error``).
+    """
+    try:
+        return function(*args, **kwargs)
+    except AtlasError as error:
+        return error
+
+
+def _raise_atlas_error(result):
+    """Return ``result``, or raise it when a worker returned an AtlasError."""
+    if isinstance(result, AtlasError):
+        raise result
+    return result
+
+
 def _duplicate_reasons(items: list[str]) -> dict[int, str]:
     first_seen: dict[str, int] = {}
     reasons = {}
@@ -173,7 +193,11 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
     with dask_client(config.compute) as client:
         # The model is loaded on a worker, which keeps it for the shards, never in this process.
         def describe() -> dict:
-            return client.submit(describe_model, config.model, _layers(config), config.compute.device, pure=False).result()
+            return _raise_atlas_error(
+                client.submit(
+                    _returning_atlas_error, describe_model, config.model, _layers(config), config.compute.device, pure=False
+                ).result()
+            )
 
         shapes = _prepare_store(config, store, items, force, describe)
         settings = _settings(config, store, shapes)
@@ -185,6 +209,7 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             logger.info("extract: %d of %d shards to run", len(todo), len(done))
             futures = [
                 client.submit(
+                    _returning_atlas_error,
                     process_shard,
                     shard,
                     settings,
@@ -203,7 +228,7 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             bar.update(len(items) - n_todo_images)
             try:
                 for future in as_completed(futures):
-                    result = future.result()
+                    result = _raise_atlas_error(future.result())
                     bar.update(result.n_images)
                     logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
             except KeyboardInterrupt:

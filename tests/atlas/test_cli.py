@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from click.testing import CliRunner
@@ -61,7 +62,7 @@ def test_bad_override_clean_error(tmp_path):
     assert "grid.nope: unknown key" in result.output
 
 
-def test_unknown_layer_clean_error(tiny_spec, image_folder, tmp_path):
+def test_unknown_layer_clean_error(tiny_spec, image_folder, tmp_path, caplog):
     result = CliRunner().invoke(
         main, ["extract", "--images", str(image_folder), "--store", str(tmp_path / "s.zarr"), "--model", tiny_spec,
                "--layer", "layer9", "--set", "compute.processes=false"],
@@ -69,3 +70,6 @@ def test_unknown_layer_clean_error(tiny_spec, image_folder, tmp_path):
     assert result.exit_code == 2
     assert "layer 'layer9' not found" in result.output
     assert "layer1" in result.output
+    # The worker hands the error back instead of logging "Compute Failed" with a traceback.
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("distributed")
+            and record.levelno >= logging.ERROR] == []
