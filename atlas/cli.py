@@ -257,6 +257,14 @@ def info(store, as_json):
     click.echo(format_info(data))
 
 
+def partial_extract(data: dict) -> str | None:
+    """Describe an extraction that has not finished, from :func:`atlas.inspect.store_info` output; None otherwise."""
+    if data["stages"].get("extract"):
+        return None
+    return (f"extract partial: {data['n_shards_done']} of {data['n_shards']} shards; "
+            "run the same `atlas extract` again to resume")
+
+
 def format_info(data: dict) -> str:
     """Format :func:`atlas.inspect.store_info` output as text."""
     lines = [
@@ -273,6 +281,9 @@ def format_info(data: dict) -> str:
             lines.append(f"  grid {size}x{size}: {grid['n_nonempty']} non-empty cells, {grid['n_icons']} icons")
     stages = data["stages"]
     lines.append("stages         " + (", ".join(f"{key} {'done' if done else 'incomplete'}" for key, done in stages.items()) or "none"))
+    partial = partial_extract(data)
+    if partial:
+        lines.append(f"               {partial}")
     if data["rejected"]:
         lines.append("rejected images:")
         lines.extend(f"  {item['path']}: {item['reason']}" for item in data["rejected"])
@@ -294,8 +305,10 @@ def list_command(root, as_json):
         click.echo(f"no stores under {Path(root)}")
     for item in stores:
         done = [key for key, value in item["stages"].items() if value]
+        partial = partial_extract(item)
         click.echo(f"{item['store']}  {item['model']}  layers={','.join(item['layers'])}  "
-                   f"images={item['n_images']}  activations={item['n_activations']}  done={','.join(done) or '-'}")
+                   f"images={item['n_images']}  activations={item['n_activations']}  done={','.join(done) or '-'}"
+                   + (f"  ({partial})" if partial else ""))
 
 
 try:

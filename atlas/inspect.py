@@ -33,6 +33,7 @@ def store_info(path: str | Path) -> dict:
     per_image = int(attrs.get("rows_per_image", 0))
     n_ok = int((status == "ok").sum())
     stages = attrs.get("stages", {})
+    shard_done = np.asarray(group["extract/shard_done"][:]) if "extract/shard_done" in group else np.zeros(0, bool)
 
     layers = {}
     for layer in attrs.get("layers", []):
@@ -69,6 +70,8 @@ def store_info(path: str | Path) -> dict:
         "positions": attrs.get("positions"),
         "rows_per_image": per_image,
         "stages": {key: bool(value.get("done")) for key, value in stages.items()},
+        "n_shards": int(shard_done.size),
+        "n_shards_done": int(shard_done.sum()),
         "created": attrs.get("created"),
     }
 

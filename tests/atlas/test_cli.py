@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from atlas.cli import main
+from atlas.store import open_store
 from tests.conftest import write_bad_folder
 
 TINY = ["--set", "compute.processes=false", "--set", "extract.positions=random", "--set", "extract.per_image=4",
@@ -47,6 +49,24 @@ def test_ls_finds_store(bad_store):
     stores = json.loads(result.output)
     assert [item["store"] for item in stores] == [str(bad_store)]
     assert stores[0]["model"].startswith("file:")
+
+
+def test_ls_and_info_mark_partial(bad_store, tmp_path):
+    partial = tmp_path / "stores" / "partial.zarr"
+    shutil.copytree(bad_store, partial)
+    group = open_store(partial, mode="r+")
+    group["extract/shard_done"][0] = False
+    group.attrs["stages"] = {}
+
+    listed = CliRunner().invoke(main, ["ls", str(tmp_path)])
+    info = CliRunner().invoke(main, ["info", str(partial)])
+    n_shards = group["extract/shard_done"].shape[0]
+    expected = f"extract partial: {n_shards - 1} of {n_shards} shards"
+    assert listed.exit_code == 0, listed.output
+    assert expected in listed.output
+    assert expected in info.output
+    complete = CliRunner().invoke(main, ["ls", str(bad_store.parent)])
+    assert "partial" not in complete.output
 
 
 def test_missing_store_clean_error(tmp_path):
