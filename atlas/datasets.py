@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from atlas.errors import ConfigError, ImageDecodeError
-from atlas.images import IMAGE_SUFFIXES, decode_image
+from atlas.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ URL_SEPARATOR = "://"
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 GLOB_CHARACTERS = "*?["
 SAMPLE_CROP_SIZE = 256
+# Images at URLs are read whole into memory before decoding. No image within
+# Pillow's decompression-bomb limit needs more than 3 bytes per pixel.
+MAX_URL_BYTES = 3 * MAX_PIXELS
 
 # Real photographs shipped inside installed packages (package, path inside it).
 # Synthetic images (chessboard, colour wheel, phantom, logos) are left out.
@@ -165,11 +168,18 @@ def is_url(item: str) -> bool:
 
 
 def _read_url(url: str) -> bytes:
+    """Read the bytes of an image at an fsspec URL, at most ``MAX_URL_BYTES`` of them.
+
+    Raises
+    ------
+    ImageDecodeError
+        The file is missing, unreadable or larger than ``MAX_URL_BYTES``.
+    """
     import fsspec
 
     try:
         with fsspec.open(url, "rb") as stream:
-            return stream.read()
+            data = stream.read(MAX_URL_BYTES + 1)
     except FileNotFoundError as error:
         raise ImageDecodeError("file not found") from error
     except IsADirectoryError as error:
@@ -180,6 +190,12 @@ def _read_url(url: str) -> bytes:
         raise ImageDecodeError(f"invalid URL: {error}") from error
     except OSError as error:
         raise ImageDecodeError(f"cannot read file: {error}") from error
+    if len(data) > MAX_URL_BYTES:
+        raise ImageDecodeError(
+            f"file is larger than {MAX_URL_BYTES:,} bytes, the size of an uncompressed RGB image at the "
+            "decompression-bomb limit; downscale it or copy it to a local folder"
+        )
+    return data
 
 
 def _walk_folder(folder: Path) -> list[str]:

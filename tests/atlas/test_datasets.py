@@ -135,3 +135,18 @@ def test_open_image_from_url(memory_root):
         open_image(f"memory://{root}/missing.png")
     with pytest.raises(ImageDecodeError, match="not an image file"):
         open_image(f"memory://{root}/broken.png")
+
+
+def test_url_image_over_size_cap_rejected(memory_root, monkeypatch):
+    import atlas.datasets
+
+    fs, root = memory_root
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="BMP")
+    fs.pipe(f"{root}/big.bmp", buffer.getvalue())
+    monkeypatch.setattr(atlas.datasets, "MAX_URL_BYTES", len(buffer.getvalue()) - 1)
+    with pytest.raises(ImageDecodeError, match="larger than"):
+        open_image(f"memory://{root}/big.bmp")
+
+    monkeypatch.setattr(atlas.datasets, "MAX_URL_BYTES", len(buffer.getvalue()))
+    assert open_image(f"memory://{root}/big.bmp").size == (64, 64)
