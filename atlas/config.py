@@ -177,6 +177,9 @@ class ServeConfig(_Section):
     explanations: bool = True
 
 
+FILE_SCHEME = "file://"
+
+
 class AtlasConfig(_Section):
     """The whole pipeline configuration."""
 
@@ -192,6 +195,12 @@ class AtlasConfig(_Section):
     grid: GridConfig = Field(default_factory=GridConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("store")
+    @classmethod
+    def _local_file_url(cls, value: str) -> str:
+        # A file:// URL names a local folder: every stage, sidecar files included, then treats it as one.
+        return value[len(FILE_SCHEME):] if value.startswith(FILE_SCHEME) else value
 
     def digest(self) -> str:
         """Return a short hash of the settings that change the extracted rows.

@@ -60,7 +60,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         The path contains no feature store.
     """
     try:
-        group = zarr.open_group(str(path), mode=mode)
+        group = zarr.open_group(str(local_store_path(path)), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise StoreError(
             f"no feature store at {path}; run `atlas extract --store {path}` (or `atlas build`) first"
@@ -85,7 +85,7 @@ def create_store(
     Row ``i * rows_per_image + j`` is sample ``j`` of image ``i``, so each
     shard of ``shard_size`` images owns one chunk of every per-row array.
     """
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(local_store_path(path)), mode="w")
     shard_rows = shard_size * rows_per_image
     n_rows = n_images * rows_per_image
     n_shards = max(1, -(-n_images // shard_size))
@@ -223,15 +223,24 @@ def read_strings(array: zarr.Array, selection: slice = slice(None)) -> np.ndarra
     return np.array([str(value) for value in array[selection]], dtype=object)
 
 
+def local_store_path(path: str | Path) -> str | Path:
+    """Return ``path`` with a leading ``file://`` removed, so a local store is always a plain path."""
+    text = str(path)
+    return text[len("file://"):] if text.startswith("file://") else path
+
+
 def is_store_url(path: str | Path) -> bool:
-    """Return whether ``path`` is an fsspec URL (``s3://...``, ``memory://...``) rather than a local path."""
-    return "://" in str(path)
+    """Return whether ``path`` is an fsspec URL (``s3://...``, ``memory://...``) rather than a local path.
+
+    ``file://`` URLs count as local paths.
+    """
+    return "://" in str(local_store_path(path))
 
 
 def store_exists(path: str | Path) -> bool:
     """Return whether a feature store, or anything, exists at a local path or fsspec URL."""
     if not is_store_url(path):
-        return Path(path).exists()
+        return Path(local_store_path(path)).exists()
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -240,9 +249,8 @@ def store_exists(path: str | Path) -> bool:
 
 def sidecar_path(store_path: str | Path, name: str) -> Path:
     """Return the path of a non-Zarr file kept inside a local store folder."""
-    path = Path(store_path)
-    if "://" in str(store_path):
+    if is_store_url(store_path):
         raise StoreError(f"sidecar file {name} needs a local store folder, got URL {store_path}")
-    folder = path / "sidecar"
+    folder = Path(local_store_path(store_path)) / "sidecar"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name

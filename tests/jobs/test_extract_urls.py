@@ -8,7 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from atlas.store import open_store, read_strings
+from atlas.store import open_store, read_strings, sidecar_path
 from jobs.extract import run_extract
 from tests.conftest import tiny_config
 
@@ -123,3 +123,16 @@ def test_store_at_url_live_lock_refused(tiny_spec, image_folder, memory_store):
 
     with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
         run_extract(config, progress=False)
+
+
+def test_file_url_store_is_local_folder(tiny_spec, image_folder, tmp_path):
+    folder = tmp_path / "nested" / "s.zarr"
+    config = tiny_config(tiny_spec, image_folder, f"file://{folder}")
+    assert config.store == str(folder)
+
+    summary = run_extract(config, progress=False)
+    assert summary["n_ok"] == 20
+    assert (folder / "zarr.json").is_file()
+    reopened = open_store(f"file://{folder}")
+    assert reopened["activations/layer2"].shape == (summary["n_rows"], 16)
+    assert sidecar_path(f"file://{folder}", "index.faiss").parent == folder / "sidecar"
