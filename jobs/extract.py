@@ -129,6 +129,48 @@ def _prepare_store(
     return shapes
 
 
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class ProgressLog:
+    """Log an extraction's progress at INFO: images done, images/s and time left, at most every ``interval`` s."""
+
+    def __init__(self, total: int, interval: float = PROGRESS_LOG_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self.last_logged = self.started
+        self.done = 0
+
+    def update(self, n_images: int) -> None:
+        """Count ``n_images`` more images, and log when ``interval`` has passed since the last line.
+
+        Nothing is logged for the last images: the job's summary line follows.
+        """
+        self.done += n_images
+        now = self.clock()
+        if now - self.last_logged < self.interval or self.done >= self.total:
+            return
+        self.last_logged = now
+        rate = self.done / max(now - self.started, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        logger.info(
+            "extract: %s of %s images (%.0f %%), %.1f images/s, about %s left",
+            f"{self.done:,}", f"{self.total:,}", 100 * self.done / max(self.total, 1), rate, _duration(left),
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown time"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _returning_atlas_error(function: Callable, *args, **kwargs):
     """Call ``function`` on a worker; return its result, or the AtlasError it raised.
 
@@ -226,11 +268,15 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             n_todo_images = sum(min(settings.shard_size, len(items) - shard * settings.shard_size) for shard in todo)
             bar = tqdm(total=len(items), unit="img", disable=not show, desc="extract")
             bar.update(len(items) - n_todo_images)
+            # Without a terminal for the bar, progress goes to the log at most every PROGRESS_LOG_SECONDS.
+            progress_log = None if show else ProgressLog(n_todo_images)
             try:
                 for future in as_completed(futures):
                     result = _raise_atlas_error(future.result())
                     bar.update(result.n_images)
                     logger.debug("shard %d: %d ok, %d rejected in %.1f s", result.shard, result.n_ok, result.n_rejected, result.seconds)
+                    if progress_log is not None:
+                        progress_log.update(result.n_images)
             except KeyboardInterrupt:
                 bar.close()
                 _interrupted(group, store)

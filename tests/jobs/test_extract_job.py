@@ -219,3 +219,20 @@ def test_interrupt_logs_progress_then_resumes(tiny_spec, image_folder, tmp_path,
     summary = run_extract(config, progress=False)
     assert summary["n_ok"] == 20
     assert open_store(config.store)["extract/shard_done"][:].all()
+
+
+def test_progress_log_throttled_with_rate(caplog):
+    from jobs.extract import ProgressLog
+
+    now = [100.0]
+    progress = ProgressLog(total=1000, interval=30.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="jobs.extract"):
+        now[0] = 110.0
+        progress.update(100)
+        now[0] = 140.0
+        progress.update(200)
+        now[0] = 145.0
+        progress.update(700)
+    lines = [record.getMessage() for record in caplog.records]
+    # The first update comes before the interval, the last completes the job: neither logs.
+    assert lines == ["extract: 300 of 1,000 images (30 %), 7.5 images/s, about 2 min left"]
