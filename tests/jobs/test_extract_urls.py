@@ -136,3 +136,41 @@ def test_file_url_store_is_local_folder(tiny_spec, image_folder, tmp_path):
     reopened = open_store(f"file://{folder}")
     assert reopened["activations/layer2"].shape == (summary["n_rows"], 16)
     assert sidecar_path(f"file://{folder}", "index.faiss").parent == folder / "sidecar"
+
+
+@pytest.fixture
+def http_images(image_folder):
+    """Serve the twenty test images over HTTP on 127.0.0.1; yield the base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(image_folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_images_equal_local_folder(tiny_spec, image_folder, http_images, tmp_path):
+    names = sorted(path.name for path in image_folder.glob("*.png"))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{http_images}/{name}\n" for name in names) + f"{http_images}/missing.png\n")
+    url_config = tiny_config(tiny_spec, listing, tmp_path / "url.zarr")
+    local_config = tiny_config(tiny_spec, image_folder, tmp_path / "local.zarr")
+
+    url_summary = run_extract(url_config, progress=False)
+    run_extract(local_config, progress=False)
+    assert url_summary["n_ok"] == 20
+    assert url_summary["n_rejected"] == 1
+    url_store = open_store(url_config.store)
+    local_store = open_store(local_config.store)
+    status = read_strings(url_store["images/status"])
+    assert status[-1] == "file not found"
+    for name in COMPARED:
+        np.testing.assert_array_equal(url_store[name][:][: local_store[name].shape[0]], local_store[name][:], err_msg=name)
