@@ -45,6 +45,7 @@ def report(result: dict) -> str:
 {rows}
 | **total** | **{sum(result['timings'].values()):.0f}** |
 
-Peak resident memory of the driver process (extraction workers run in their own process): {result['peak_rss_mib']:.0f} MiB.
+Peak resident memory, the largest of this process and its child processes (the one CPU extraction worker
+runs as threads of this process by default): {result['peak_rss_mib']:.0f} MiB.
 Machine: {machine()}.
 """
