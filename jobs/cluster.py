@@ -14,6 +14,9 @@ from atlas.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Module that worker processes import at start (see jobs/worker_setup.py).
+WORKER_SETUP = "jobs.worker_setup"
+
 
 def _cuda_cluster(config: ComputeConfig):
     try:
@@ -26,7 +29,11 @@ def _cuda_cluster(config: ComputeConfig):
         ) from error
     if not torch.cuda.is_available():
         raise ConfigError("compute.device is cuda but torch sees no CUDA GPU; set compute.device: cpu")
-    return LocalCUDACluster(threads_per_worker=config.threads_per_worker, memory_limit=config.memory_limit or "auto")
+    return LocalCUDACluster(
+        threads_per_worker=config.threads_per_worker,
+        memory_limit=config.memory_limit or "auto",
+        preload=[WORKER_SETUP],
+    )
 
 
 def _worker_environment() -> dict:
@@ -49,9 +56,9 @@ def use_processes(config: ComputeConfig) -> bool:
     ``compute.processes`` decides when set. When it is null, one CPU worker
     without a memory limit runs as threads of this process: a worker process
     would only add its start-up (spawning, importing torch, a cold first
-    batch: about 6 s on a 2-core CPU). Several workers
-    or a memory limit need processes: the nanny enforces the limit and
-    restarts a worker that exceeds it.
+    batch: 5 s of a 75 s job in the extract benchmark on a 2-core CPU).
+    Several workers or a memory limit need processes: the nanny enforces the
+    limit and restarts a worker that exceeds it.
     """
     if config.processes is not None:
         return config.processes
@@ -87,7 +94,7 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
                     threads_per_worker=config.threads_per_worker,
                     processes=processes,
                     memory_limit=config.memory_limit or "auto",
-                    **({"preload": ["jobs.worker_setup"]} if processes else {}),
+                    **({"preload": [WORKER_SETUP]} if processes else {}),
                     # Local only; port 0 avoids clashing with another cluster on 8787.
                     dashboard_address="127.0.0.1:0",
                 )

@@ -36,3 +36,18 @@ def test_process_choice_rules():
     assert use_processes(ComputeConfig(memory_limit="2GiB")) is True
     assert use_processes(ComputeConfig(processes=True)) is True
     assert use_processes(ComputeConfig(n_workers=2, processes=False)) is False
+
+
+def _ignores_sigint() -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_worker_processes_ignore_sigint():
+    with dask_client(ComputeConfig(processes=True)) as client:
+        values = list(client.run(_ignores_sigint).values())
+
+    assert values == [True]
+    # The driver keeps Ctrl-C.
+    assert not _ignores_sigint()
