@@ -63,7 +63,7 @@ class ComputeConfig(_Section):
     processes: bool | None = None
     memory_limit: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
-    dashboard: bool = False
+    dashboard: bool = True
 
 
 class IndexConfig(_Section):

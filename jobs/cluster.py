@@ -95,12 +95,17 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
                     processes=processes,
                     memory_limit=config.memory_limit or "auto",
                     **({"preload": [WORKER_SETUP]} if processes else {}),
-                    # Local only; port 0 avoids clashing with another cluster on 8787.
+                    # The scheduler's and workers' HTTP servers run even without a dashboard,
+                    # and without an address they listen on every interface: keep them local.
+                    # Port 0 avoids clashing with another cluster on 8787.
                     dashboard_address="127.0.0.1:0",
+                    worker_dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"dashboard": config.dashboard},
                 )
         client = Client(cluster)
-    if client.dashboard_link and (config.dashboard or config.scheduler):
-        logger.info("Dask dashboard: %s", client.dashboard_link)
+    link = dashboard_link(client, local=cluster is not None) if config.dashboard or cluster is None else None
+    if link:
+        logger.info("Dask dashboard: %s", link)
     logger.info("Dask scheduler %s with %d workers", client.scheduler.address, len(client.scheduler_info()["workers"]))
     try:
         yield client
@@ -112,6 +117,19 @@ def dask_client(config: ComputeConfig) -> Iterator[Client]:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def dashboard_link(client: Client, local: bool) -> str | None:
+    """Return the address of the scheduler's dashboard, or None when it runs none.
+
+    A local cluster binds its dashboard to 127.0.0.1, while Dask builds the
+    link from the scheduler's host, which is this machine's network address
+    for an in-process scheduler.
+    """
+    if not local:
+        return client.dashboard_link or None
+    port = client.scheduler_info().get("services", {}).get("dashboard")
+    return f"http://127.0.0.1:{port}/status" if port else None
 
 
 def _set_distributed_level(level: int) -> None:

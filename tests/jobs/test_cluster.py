@@ -3,9 +3,10 @@ from __future__ import annotations
 import os
 
 import dask
+import pytest
 
 from atlas.config import ComputeConfig
-from jobs.cluster import dask_client, use_processes
+from jobs.cluster import dashboard_link, dask_client, use_processes
 
 
 def _malloc_trim() -> str | None:
@@ -51,3 +52,38 @@ def test_worker_processes_ignore_sigint():
     assert values == [True]
     # The driver keeps Ctrl-C.
     assert not _ignores_sigint()
+
+
+def test_dashboard_link_local_and_answers(caplog):
+    import logging
+    import urllib.request
+
+    with caplog.at_level(logging.INFO, logger="jobs.cluster"), dask_client(ComputeConfig()) as client:
+        link = dashboard_link(client, local=True)
+        logged = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Dask dashboard")]
+        with urllib.request.urlopen(link, timeout=20) as response:
+            status = response.status
+
+    assert link.startswith("http://127.0.0.1:")
+    assert logged == [f"Dask dashboard: {link}"]
+    assert status == 200
+
+
+def _listening_sockets() -> set[tuple[str, int]]:
+    import psutil
+
+    return {(item.laddr.ip, item.laddr.port) for item in psutil.Process().net_connections() if item.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_local_cluster_listens_on_loopback(caplog, dashboard):
+    import logging
+
+    before = _listening_sockets()
+    with caplog.at_level(logging.INFO, logger="jobs.cluster"), dask_client(ComputeConfig(dashboard=dashboard)):
+        opened = _listening_sockets() - before
+
+    logged = [record for record in caplog.records if record.getMessage().startswith("Dask dashboard")]
+    assert len(logged) == (1 if dashboard else 0)
+    assert opened
+    assert {host for host, _ in opened} == {"127.0.0.1"}
