@@ -49,7 +49,8 @@ def capture(model: nn.Module, layers: Sequence[str], stop: bool = False, detach:
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            outputs[name] = output.detach() if detach else output
+            # A detached copy, so that a later in-place module (ReLU(inplace=True)) does not change it.
+            outputs[name] = output.detach().clone() if detach else output
             if stop and wanted.issubset(outputs):
                 raise _StopForward
 

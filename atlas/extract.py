@@ -18,7 +18,7 @@ import torch
 
 from atlas.capture import get_module
 from atlas.datasets import open_image
-from atlas.errors import ImageDecodeError
+from atlas.errors import ImageDecodeError, ModelError
 from atlas.models import LoadedModel, load_model
 from atlas.store import TOP_PREDICTIONS, open_store, read_strings
 
@@ -116,7 +116,9 @@ def probe_layer_shapes(model: LoadedModel, layers: list[str]) -> dict[str, list[
     for name in layers:
         tensor = outputs[name]
         if tensor.dim() != 4:
-            raise ValueError(f"layer {name} outputs shape {tuple(tensor.shape)}; pick a convolutional layer with (B, C, h, w) output")
+            raise ModelError(
+                f"layer {name} outputs shape {tuple(tensor.shape)}; pick a convolutional layer with (B, C, h, w) output"
+            )
         shapes[name] = [int(tensor.shape[1]), int(tensor.shape[2]), int(tensor.shape[3])]
     return shapes
 
@@ -158,10 +160,13 @@ class _LayerTap:
     def _hook(self, name: str, make_leaf: bool):
         def hook(_module, _inputs, output):
             if make_leaf:
-                output = output.detach().requires_grad_(True)
-                self.outputs[name] = output
-                return output
-            self.outputs[name] = output.detach()
+                leaf = output.detach().requires_grad_(True)
+                self.outputs[name] = leaf
+                # The rest of the network gets a copy: an in-place module after this layer
+                # (a ReLU(inplace=True) after a batch norm) may not modify a leaf that requires grad.
+                return leaf.clone()
+            # A copy, so that a later in-place module does not change the kept activations.
+            self.outputs[name] = output.detach().clone()
             return None
 
         return hook

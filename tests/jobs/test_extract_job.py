@@ -236,3 +236,36 @@ def test_progress_log_throttled_with_rate(caplog):
     lines = [record.getMessage() for record in caplog.records]
     # The first update comes before the interval, the last completes the job: neither logs.
     assert lines == ["extract: 300 of 1,000 images (30 %), 7.5 images/s, about 2 min left"]
+
+
+def test_layer_before_inplace_relu(image_folder, tmp_path):
+    from atlas.config import load_config
+    from atlas.images import decode_image
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    ).eval()
+    torch.save(module, tmp_path / "inplace.pt")
+    config = load_config(
+        overrides=["compute.processes=false", "extract.positions=all", "extract.shard_size=8"],
+        images=str(image_folder), store=str(tmp_path / "s.zarr"), model=f"file:{tmp_path / 'inplace.pt'}", layer="1",
+    )
+
+    summary = run_extract(config, progress=False)
+    assert summary["n_ok"] == 20
+    group = open_store(config.store)
+    first = read_strings(group["images/path"])[0]
+    x = cached_model(config.model).preprocess([decode_image(first)])
+    with torch.no_grad():
+        expected = module[1](module[0](x))[0]
+    rows = group["activations/1"][: expected.shape[1] * expected.shape[2]]
+    # The stored rows are the batch norm's output, negative values included, not the ReLU's.
+    assert (rows < 0).any()
+    np.testing.assert_allclose(rows, expected.flatten(1).T.numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
