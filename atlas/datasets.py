@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,10 @@ SAMPLE_CROP_SIZE = 256
 # Images at URLs are read whole into memory before decoding. No image within
 # Pillow's decompression-bomb limit needs more than 3 bytes per pixel.
 MAX_URL_BYTES = 3 * MAX_PIXELS
+# An HTTP request that gets no complete answer within this time fails; a
+# timeout or a refused connection is tried URL_ATTEMPTS times in all.
+URL_TIMEOUT_SECONDS = 30.0
+URL_ATTEMPTS = 2
 
 # Real photographs shipped inside installed packages (package, path inside it).
 # Synthetic images (chessboard, colour wheel, phantom, logos) are left out.
@@ -167,35 +172,71 @@ def is_url(item: str) -> bool:
     return URL_SEPARATOR in item
 
 
+def _url_options(url: str) -> dict:
+    """Return fsspec storage options for ``url``: a request timeout for HTTP, which has none by default."""
+    if url.split(URL_SEPARATOR, 1)[0] not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=URL_TIMEOUT_SECONDS)}}
+
+
+def _network_failure(error: BaseException) -> str | None:
+    """Return a description when ``error`` (or its cause) is a timeout or a failed connection, else None."""
+    for item in (error, error.__cause__, error.__context__):
+        if isinstance(item, TimeoutError):
+            return f"timed out after {URL_TIMEOUT_SECONDS:g} s"
+        if isinstance(item, ConnectionError) or type(item).__name__.startswith("ClientConnector"):
+            return f"cannot connect: {item}"
+    return None
+
+
 def _read_url(url: str) -> bytes:
     """Read the bytes of an image at an fsspec URL, at most ``MAX_URL_BYTES`` of them.
+
+    A timeout or a failed connection is tried ``URL_ATTEMPTS`` times in all.
 
     Raises
     ------
     ImageDecodeError
-        The file is missing, unreadable or larger than ``MAX_URL_BYTES``.
+        The file is missing, unreadable, unreachable or larger than ``MAX_URL_BYTES``.
     """
     import fsspec
 
-    try:
-        with fsspec.open(url, "rb") as stream:
-            data = stream.read(MAX_URL_BYTES + 1)
-    except FileNotFoundError as error:
-        raise ImageDecodeError("file not found") from error
-    except IsADirectoryError as error:
-        raise ImageDecodeError("the URL is a folder, not a file") from error
-    except ImportError as error:
-        raise ImageDecodeError(f"the fsspec backend for this URL is not installed ({error})") from error
-    except ValueError as error:
-        raise ImageDecodeError(f"invalid URL: {error}") from error
-    except OSError as error:
-        raise ImageDecodeError(f"cannot read file: {error}") from error
+    for attempt in range(1, URL_ATTEMPTS + 1):
+        try:
+            with fsspec.open(url, "rb", **_url_options(url)) as stream:
+                data = stream.read(MAX_URL_BYTES + 1)
+            break
+        except (OSError, TimeoutError) as error:
+            failure = _network_failure(error)
+            if failure is None:
+                raise _url_error(error) from error
+            if attempt == URL_ATTEMPTS:
+                raise ImageDecodeError(f"{failure} ({URL_ATTEMPTS} attempts)") from error
+            logger.info("reading %s failed (%s); trying again", url, failure)
+            time.sleep(attempt)
+        except (ImportError, ValueError) as error:
+            raise _url_error(error) from error
     if len(data) > MAX_URL_BYTES:
         raise ImageDecodeError(
             f"file is larger than {MAX_URL_BYTES:,} bytes, the size of an uncompressed RGB image at the "
             "decompression-bomb limit; downscale it or copy it to a local folder"
         )
     return data
+
+
+def _url_error(error: BaseException) -> ImageDecodeError:
+    """Translate an fsspec error for one URL into the reason recorded for the image."""
+    if isinstance(error, FileNotFoundError):
+        return ImageDecodeError("file not found")
+    if isinstance(error, IsADirectoryError):
+        return ImageDecodeError("the URL is a folder, not a file")
+    if isinstance(error, ImportError):
+        return ImageDecodeError(f"the fsspec backend for this URL is not installed ({error})")
+    if isinstance(error, ValueError):
+        return ImageDecodeError(f"invalid URL: {error}")
+    return ImageDecodeError(f"cannot read file: {error}")
 
 
 def _walk_folder(folder: Path) -> list[str]:

@@ -150,3 +150,28 @@ def test_url_image_over_size_cap_rejected(memory_root, monkeypatch):
 
     monkeypatch.setattr(atlas.datasets, "MAX_URL_BYTES", len(buffer.getvalue()))
     assert open_image(f"memory://{root}/big.bmp").size == (64, 64)
+
+
+def test_http_silent_server_times_out(monkeypatch):
+    import socket
+
+    import atlas.datasets
+
+    monkeypatch.setattr(atlas.datasets, "URL_TIMEOUT_SECONDS", 0.5)
+    # A socket that accepts connections and never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with pytest.raises(ImageDecodeError, match=r"timed out after 0.5 s \(2 attempts\)"):
+            open_image(f"http://127.0.0.1:{silent.getsockname()[1]}/photo.jpg")
+
+
+def test_http_refused_connection_named():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port now.
+    with pytest.raises(ImageDecodeError, match=r"cannot connect: .*\(2 attempts\)"):
+        open_image(f"http://127.0.0.1:{port}/photo.jpg")
