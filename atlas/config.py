@@ -224,6 +224,18 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Return a one-line description of a YAML syntax error, without yaml's multi-line excerpt."""
+    if not isinstance(error, yaml.MarkedYAMLError) or not error.problem:
+        return " ".join(str(error).split())
+    if not error.context:
+        return error.problem
+    start = error.context_mark
+    if start is not None and error.problem_mark is not None and start.line != error.problem_mark.line:
+        return f"{error.problem} ({error.context} from line {start.line + 1})"
+    return f"{error.problem} ({error.context})"
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"invalid override {item!r}: expected KEY=VALUE, e.g. grid.min_count=5")
@@ -231,7 +243,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if not path:
         raise ConfigError(f"invalid override {item!r}: the key is empty")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return path, None
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"invalid override {item!r}: the value {raw!r} is not valid YAML: {_yaml_problem(error)}; "
+            "close every bracket and quote, e.g. render.grid_sizes=[20,40]"
+        ) from None
 
 
 def load_config(
@@ -265,9 +285,19 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                "pass a YAML file such as config.yaml"
+            ) from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config file {path} is not valid YAML{where}: {_yaml_problem(error)}; "
+                "fix the syntax there, e.g. close brackets and indent with spaces, not tabs"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}")
         data = loaded or {}

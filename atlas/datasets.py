@@ -36,7 +36,7 @@ SAMPLE_CROP_SIZE = 256
 # Images at URLs are read whole into memory before decoding. No image within
 # Pillow's decompression-bomb limit needs more than 3 bytes per pixel.
 MAX_URL_BYTES = 3 * MAX_PIXELS
-# An HTTP request that gets no complete answer within this time fails; a
+# An HTTP request without a complete response within this time fails; a
 # timeout or a refused connection is tried URL_ATTEMPTS times in all.
 URL_TIMEOUT_SECONDS = 30.0
 URL_ATTEMPTS = 2

@@ -57,13 +57,23 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     Raises
     ------
     StoreError
-        The path contains no feature store.
+        The path contains no feature store, its metadata cannot be read, or
+        the fsspec backend of its URL scheme is not installed.
     """
+    require_backend(path)
     try:
         group = zarr.open_group(str(local_store_path(path)), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise StoreError(
             f"no feature store at {path}; run `atlas extract --store {path}` (or `atlas build`) first"
+        ) from error
+    except zarr.errors.ContainsArrayError as error:
+        raise StoreError(f"{path} is a Zarr array, not an activation atlas store; pass the store's folder") from error
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        # A damaged zarr.json raises JSONDecodeError (a ValueError), or TypeError when it is JSON of the wrong shape.
+        raise StoreError(
+            f"cannot read the store metadata at {path}: {error}; "
+            f"the store is damaged, so rebuild it with `atlas extract --store {path} --force`"
         ) from error
     if "atlas_format" not in group.attrs:
         raise StoreError(f"{path} is a Zarr group but not an activation atlas store (no 'atlas_format' attribute)")
@@ -84,7 +94,13 @@ def create_store(
 
     Row ``i * rows_per_image + j`` is sample ``j`` of image ``i``, so each
     shard of ``shard_size`` images owns one chunk of every per-row array.
+
+    Raises
+    ------
+    StoreError
+        The fsspec backend of the path's URL scheme is not installed.
     """
+    require_backend(path)
     group = zarr.open_group(str(local_store_path(path)), mode="w")
     shard_rows = shard_size * rows_per_image
     n_rows = n_images * rows_per_image
@@ -237,12 +253,46 @@ def is_store_url(path: str | Path) -> bool:
     return "://" in str(local_store_path(path))
 
 
+def require_backend(path: str | Path) -> None:
+    """Check that fsspec can load the filesystem of every protocol in a store URL; local paths pass.
+
+    Raises
+    ------
+    StoreError
+        A protocol is unknown to fsspec, or the package that implements it
+        (``s3fs`` for ``s3://``) is not installed.
+    """
+    if not is_store_url(path):
+        return
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    # Chained URLs such as ``simplecache::s3://bucket/x.zarr`` name one protocol per part.
+    for part in str(path).split("::"):
+        protocol = part.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as error:
+            module = str(known_implementations.get(protocol, {}).get("class", "")).split(".")[0]
+            package = f"e.g. pip install {module}" if module and module != "fsspec" else "the packages it names"
+            raise StoreError(
+                f"the fsspec backend for {protocol}:// is not installed ({error}); "
+                f"install it, {package}, or use a local store folder"
+            ) from None
+        except ValueError as error:
+            raise StoreError(
+                f"unknown URL scheme {protocol}:// in store {path} ({error}); "
+                "use a local store folder or an fsspec URL such as s3://bucket/atlas.zarr"
+            ) from None
+
+
 def store_exists(path: str | Path) -> bool:
     """Return whether a feature store, or anything, exists at a local path or fsspec URL."""
     if not is_store_url(path):
         return Path(local_store_path(path)).exists()
     import fsspec
 
+    require_backend(path)
     fs, root = fsspec.core.url_to_fs(str(path))
     return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
 

@@ -158,7 +158,7 @@ def test_http_silent_server_times_out(monkeypatch):
     import atlas.datasets
 
     monkeypatch.setattr(atlas.datasets, "URL_TIMEOUT_SECONDS", 0.5)
-    # A socket that accepts connections and never answers.
+    # A socket that accepts connections and never responds.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
