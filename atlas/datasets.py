@@ -239,6 +239,25 @@ def _url_error(error: BaseException) -> ImageDecodeError:
     return ImageDecodeError(f"cannot read file: {error}")
 
 
+def _glob_files(pattern: Path) -> list[str]:
+    """Return the files matching ``pattern``, sorted, without entering symlinked folders below its fixed part.
+
+    Python's ``glob`` follows symlinked folders under ``**``, so a link to an
+    ancestor repeats every file down to the path-length limit. Folder
+    sources skip symlinked folders (``os.walk`` without ``followlinks``), and
+    so do patterns.
+    """
+    parts = pattern.parts
+    fixed = next((index for index, part in enumerate(parts) if any(char in part for char in GLOB_CHARACTERS)), len(parts))
+    root = Path(*parts[:fixed])
+    items = []
+    for item in glob.glob(str(pattern), recursive=True):
+        parents = Path(item).parents
+        if Path(item).is_file() and not any(parent.is_symlink() for parent in parents if parent != root and root in parent.parents):
+            items.append(item)
+    return sorted(items)
+
+
 def _walk_folder(folder: Path) -> list[str]:
     items = []
     for root, dirs, files in os.walk(folder, followlinks=False):
@@ -317,7 +336,8 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
     """
     if source == "sample":
         return sample_items(crops_per_photo)
-    path = Path(source).expanduser()
+    # Local items are absolute, so the store's image table does not depend on the working folder.
+    path = Path(os.path.abspath(Path(source).expanduser()))
     if is_url(source):
         items = _list_url(source)
     elif path.is_dir():
@@ -331,10 +351,9 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
             if is_url(line):
                 items.append(line)
                 continue
-            entry = Path(line).expanduser()
-            items.append(str(entry if entry.is_absolute() else path.parent / entry))
+            items.append(os.path.abspath(path.parent / Path(line).expanduser()))
     elif any(char in source for char in GLOB_CHARACTERS):
-        items = sorted(glob.glob(str(path), recursive=True))
+        items = _glob_files(path)
     elif path.is_file():
         items = [str(path)]
     else:

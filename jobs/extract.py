@@ -60,13 +60,48 @@ def _settings(config: AtlasConfig, store: str, layer_shapes: dict[str, list[int]
     )
 
 
+# Settings that may change between an interrupted run and its resumption: they do
+# not change which rows a shard contains (the batch size may change the last bits).
+RESUMABLE_CHANGES = frozenset({"extract.batch_size"})
+
+
+def _setting_changes(stored: dict, current: dict) -> list[str]:
+    """List the extraction settings that differ, as ``key: old then, new now``, leaving out RESUMABLE_CHANGES.
+
+    ``images`` is left out too: the image list is compared by its fingerprint.
+    """
+    changes = []
+    for section in ("model", "layer", "sample", "extract"):
+        old, new = stored.get(section), current.get(section)
+        pairs = (
+            {f"{section}.{key}": (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))}
+            if isinstance(old, dict) and isinstance(new, dict)
+            else {section: (old, new)}
+        )
+        for key, (before, after) in pairs.items():
+            if before != after and key not in RESUMABLE_CHANGES:
+                changes.append(f"{key}: {before!r} then, {after!r} now")
+    return changes
+
+
 def _check_same_job(group, store: str, config: AtlasConfig, items: list[str]) -> None:
-    """Raise ConfigError unless ``group`` was extracted with this configuration and image list."""
-    if group.attrs.get("config_digest") != config.digest():
-        difference = "another extraction configuration"
-    elif group.attrs.get("dataset_fingerprint") != fingerprint(items):
-        difference = f"another image list ({int(group.attrs.get('n_images', 0)):,} images then, {len(items):,} now)"
+    """Raise ConfigError unless ``group`` was extracted with these settings and this image list."""
+    stored = group.attrs.get("config")
+    current = config.model_dump(mode="json")
+    if isinstance(stored, dict):
+        changes = _setting_changes(stored, current)
+        difference = f"other extraction settings ({'; '.join(changes)})" if changes else None
+        if not changes:
+            for key in sorted(RESUMABLE_CHANGES):
+                section, name = key.split(".")
+                if stored.get(section, {}).get(name) != current[section][name]:
+                    logger.info("extract: %s changed from %r to %r; the shards still to run use the new value",
+                                key, stored[section].get(name), current[section][name])
     else:
+        difference = "another extraction configuration" if group.attrs.get("config_digest") != config.digest() else None
+    if difference is None and group.attrs.get("dataset_fingerprint") != fingerprint(items):
+        difference = f"another image list ({int(group.attrs.get('n_images', 0)):,} images then, {len(items):,} now)"
+    if difference is None:
         return
     raise ConfigError(
         f"store {store} was extracted with {difference}; pass --force to overwrite it, or choose another --store"

@@ -175,3 +175,18 @@ def test_http_refused_connection_named():
     # Nothing listens on the port now.
     with pytest.raises(ImageDecodeError, match=r"cannot connect: .*\(2 attempts\)"):
         open_image(f"http://127.0.0.1:{port}/photo.jpg")
+
+
+def test_glob_skips_symlinked_folder_loop(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ["a/x.png", "a/b/y.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "b" / "back").symlink_to(tmp_path / "a")
+
+    expected = [str(tmp_path / "a" / "b" / "y.png"), str(tmp_path / "a" / "x.png")]
+    assert list_items(str(tmp_path / "**" / "*.png")) == expected
+    # Relative sources give absolute items, the same as the absolute source.
+    monkeypatch.chdir(tmp_path)
+    assert list_items("**/*.png") == expected
+    assert list_items("a/") == list_items(str(tmp_path / "a"))
+    assert list_items("a")[0].startswith(str(tmp_path))

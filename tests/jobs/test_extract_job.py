@@ -98,11 +98,27 @@ def test_completed_store_is_noop_and_changed_config_refused(tiny_spec, image_fol
     assert open_store(config.store).attrs["stages"]["extract"]["finished"] == stamp
 
     changed = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr", "extract.per_image=3")
-    with pytest.raises(ConfigError, match="another extraction configuration"):
+    expected = r"other extraction settings \(extract.per_image: 6 then, 3 now\)"
+    with pytest.raises(ConfigError, match=expected):
         run_extract(changed, progress=False)
     open_store(config.store, mode="r+").attrs["stages"] = {}
-    with pytest.raises(ConfigError, match="another extraction configuration"):
+    with pytest.raises(ConfigError, match=expected):
         run_extract(changed, progress=False)
+
+
+def test_resume_with_other_batch_size_and_path_spelling(tiny_spec, image_folder, tmp_path, monkeypatch):
+    config = tiny_config(tiny_spec, image_folder, tmp_path / "s.zarr")
+    run_extract(config, progress=False)
+    group = open_store(config.store, mode="r+")
+    group["extract/shard_done"][2:] = False
+    group.attrs["stages"] = {}
+
+    # The same folder named relative to the working folder, with a trailing slash, and a smaller batch.
+    monkeypatch.chdir(image_folder.parent)
+    resumed = tiny_config(tiny_spec, f"{image_folder.name}/", tmp_path / "s.zarr", "extract.batch_size=2")
+    summary = run_extract(resumed, progress=False)
+    assert summary["n_ok"] == 20
+    assert open_store(config.store)["extract/shard_done"][:].all()
 
 
 @pytest.mark.parametrize("complete", [True, False])
