@@ -365,6 +365,23 @@ def list_items(source: str, crops_per_photo: int = 100) -> list[str]:
     return items
 
 
+def stat_fingerprint(items: list[str]) -> str:
+    """Return a short hash of the local files' sizes and modification times, to detect changed contents.
+
+    Sample items and URLs count by name only; a missing file counts as size -1.
+    """
+    digest = hashlib.sha256()
+    for item in items:
+        if item.startswith(SAMPLE_PREFIX) or is_url(item):
+            continue
+        try:
+            info = os.stat(item)
+            digest.update(f"{info.st_size}:{info.st_mtime_ns}\0".encode())
+        except OSError:
+            digest.update(b"-1\0")
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(items: list[str]) -> str:
     """Return a short hash of the item list, stored to detect a changed dataset on resume."""
     digest = hashlib.sha256()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas.config import AtlasConfig
-from atlas.datasets import fingerprint, is_url, list_items
+from atlas.datasets import fingerprint, is_url, list_items, stat_fingerprint
 from atlas.errors import AtlasError, ConfigError, StoreError
 from atlas.extract import ExtractSettings, describe_model, peak_memory_mib, process_shard, rows_per_image
 from atlas.store import (
@@ -101,6 +101,9 @@ def _check_same_job(group, store: str, config: AtlasConfig, items: list[str]) ->
         difference = "another extraction configuration" if group.attrs.get("config_digest") != config.digest() else None
     if difference is None and group.attrs.get("dataset_fingerprint") != fingerprint(items):
         difference = f"another image list ({int(group.attrs.get('n_images', 0)):,} images then, {len(items):,} now)"
+    stored_stats = group.attrs.get("dataset_stat_fingerprint")
+    if difference is None and stored_stats is not None and stored_stats != stat_fingerprint(items):
+        difference = "the same image list, but some files have changed since (size or modification time)"
     if difference is None:
         return
     raise ConfigError(
@@ -147,6 +150,7 @@ def _prepare_store(
             "config": config.model_dump(mode="json"),
             "images_source": config.images,
             "dataset_fingerprint": data_print,
+            "dataset_stat_fingerprint": stat_fingerprint(items),
             "package_version": atlas.__version__,
         },
         n_images=len(items),

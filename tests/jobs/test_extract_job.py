@@ -285,3 +285,14 @@ def test_layer_before_inplace_relu(image_folder, tmp_path):
     # The stored rows are the batch norm's output, negative values included, not the ReLU's.
     assert (rows < 0).any()
     np.testing.assert_allclose(rows, expected.flatten(1).T.numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
+
+
+def test_changed_file_contents_refused(tiny_spec, image_folder, tmp_path):
+    images = shutil.copytree(image_folder, tmp_path / "images")
+    config = tiny_config(tiny_spec, images, tmp_path / "s.zarr")
+    run_extract(config, progress=False)
+    first, second = sorted(images.glob("*.png"))[:2]
+    first.write_bytes(second.read_bytes())
+
+    with pytest.raises(ConfigError, match=r"some files have changed since \(size or modification time\)"):
+        run_extract(config, progress=False)
