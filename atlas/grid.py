@@ -225,8 +225,17 @@ def run_grid(store_path: str | Path, config: GridConfig, layer: str | None = Non
     layer = default_layer(group, layer)
     require_stage(group, "project", layer, path=store_path)
     if stage_done(group, STAGE, layer) and not force:
-        logger.info("grids of layer %s are already computed; pass force=True to recompute", layer)
-        return dict(group.attrs["stages"][f"{STAGE}:{layer}"])
+        record = dict(group.attrs["stages"][f"{STAGE}:{layer}"])
+        stored = sorted(int(size) for size in record.get("sizes", []))
+        if stored and stored != sorted(config.sizes):
+            logger.warning(
+                "grids of layer %s exist at sizes %s, not the configured %s; keeping them. "
+                "Pass --force (force=True in Python) to recompute them at %s",
+                layer, stored, sorted(config.sizes), sorted(config.sizes),
+            )
+        else:
+            logger.info("grids of layer %s are already computed; pass --force (force=True in Python) to recompute", layer)
+        return record
     for stage in (STAGE, *DOWNSTREAM_STAGES):
         clear_stage(group, stage, layer)
 

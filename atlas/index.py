@@ -232,7 +232,7 @@ def build_index(store_path: str | Path, config: IndexConfig, layer: str | None =
     layer = default_layer(group, layer)
     require_stage(group, "extract", path=store_path)
     if stage_done(group, STAGE, layer) and not force:
-        logger.info("index for layer %s is already built; pass force=True to rebuild", layer)
+        logger.info("index for layer %s is already built; pass --force (force=True in Python) to rebuild", layer)
         return dict(group.attrs["stages"][f"{STAGE}:{layer}"])
     clear_stage(group, STAGE, layer)
 

@@ -394,7 +394,7 @@ def run_project(store_path: str | Path, config: ProjectConfig, layer: str | None
     layer = default_layer(group, layer)
     require_stage(group, "extract", path=store_path)
     if stage_done(group, STAGE, layer) and not force:
-        logger.info("layout of layer %s is already computed; pass force=True to recompute", layer)
+        logger.info("layout of layer %s is already computed; pass --force (force=True in Python) to recompute", layer)
         return dict(group.attrs["stages"][f"{STAGE}:{layer}"])
     for stage in (STAGE, *DOWNSTREAM_STAGES):
         clear_stage(group, stage, layer)

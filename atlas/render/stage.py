@@ -256,7 +256,7 @@ def _warn_changed_settings(group: zarr.Group, layer: str, sizes: list[int], conf
         if stored != current:
             logger.warning(
                 "grid %d of layer %s keeps icons rendered with other settings than the current config; "
-                "pass force to render them again", size, layer,
+                "pass --force (force=True in Python) to render them again", size, layer,
             )
 
 
@@ -317,7 +317,7 @@ def run_render(
     previous = [] if force else [size for size in record.get("sizes", []) if size in available]
     mosaics = [str(sidecar_path(store_path, f"mosaic-{layer}-{size}.png")) for size in sizes]
     if stage_done(group, "render", layer) and not force and set(sizes) <= set(previous):
-        logger.info("render stage for layer %s is already complete (sizes %s); pass force to redo it", layer, previous)
+        logger.info("render stage for layer %s is already complete (sizes %s); pass --force (force=True in Python) to redo it", layer, previous)
         _warn_changed_settings(group, layer, sizes, config)
         return {"layer": layer, "sizes": sizes, "rendered": 0, "n_icons": record.get("n_icons", 0),
                 "seconds": 0.0, "mosaics": mosaics, "skipped": True}

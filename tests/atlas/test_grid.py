@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -177,10 +179,13 @@ def test_exemplars_pad_small_cells(tmp_path):
     assert (exemplars[:, :, 2] == -1).all()
 
 
-def test_rerun_noop_force_replaces_sizes(tmp_path):
+def test_rerun_noop_force_replaces_sizes(tmp_path, caplog):
     store, _ = _store_with_layout(tmp_path / "s.zarr", n_rows=50, invalid=(0, 13))
     first = run_grid(store.path, GridConfig(sizes=[2, 4], min_count=1))
-    assert run_grid(store.path, GridConfig(sizes=[3], min_count=1)) == first
+    with caplog.at_level(logging.WARNING, logger="atlas.grid"):
+        assert run_grid(store.path, GridConfig(sizes=[3], min_count=1)) == first
+    assert "exist at sizes [2, 4], not the configured [3]" in caplog.text
+    assert "Pass --force" in caplog.text
 
     group = open_store(store.path, mode="r+")
     mark_stage(group, "render", store.layer)
