@@ -334,7 +334,8 @@ def _interrupted(group, store: str) -> None:
     """Log how far an interrupted job got and how to resume it."""
     done = np.asarray(group["extract/shard_done"][:])
     logger.warning(
-        "extract: interrupted with %d of %d shards complete; run the same command again to resume %s",
+        "extract: interrupted with at least %d of %d shards complete (a running shard may still finish); "
+        "run the same command again to resume %s",
         int(done.sum()), len(done), store,
     )
 

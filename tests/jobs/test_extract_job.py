@@ -227,7 +227,7 @@ def test_interrupt_logs_progress_then_resumes(tiny_spec, image_folder, tmp_path,
         run_extract(config, progress=False)
     messages = [record.getMessage() for record in caplog.records if "interrupted" in record.getMessage()]
     assert len(messages) == 1
-    logged = re.search(r"interrupted with (\d+) of 5 shards complete", messages[0])
+    logged = re.search(r"interrupted with at least (\d+) of 5 shards complete", messages[0])
     # A shard that was running when the interrupt came may still finish before the cluster closes.
     assert 1 <= int(logged.group(1)) <= int(open_store(config.store)["extract/shard_done"][:].sum())
 
