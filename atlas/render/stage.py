@@ -234,12 +234,19 @@ def _render_grid(
         zero = int((directions.norm(dim=1) == 0).sum())
         if zero:
             logger.warning("grid %d: %d non-empty cells have an all-zero %s; their icons will be flat", size, zero, source)
-        for indices, result in iter_direction_batches(model, layer, directions, config, progress):
-            batch_cells = cells[indices]
-            _write_icons(icons, batch_cells, to_uint8(result.images))
-            # Flags are written after the icons, so a crash in between only re-renders.
-            done[batch_cells[:, 0], batch_cells[:, 1]] = True
-            done_array[:] = done
+        try:
+            for indices, result in iter_direction_batches(model, layer, directions, config, progress):
+                batch_cells = cells[indices]
+                _write_icons(icons, batch_cells, to_uint8(result.images))
+                # Flags are written after the icons, so a crash in between only re-renders.
+                done[batch_cells[:, 0], batch_cells[:, 1]] = True
+                done_array[:] = done
+        except KeyboardInterrupt:
+            logger.warning(
+                "render: interrupted with %d of %d icons of grid %d stored; run the same command again to go on",
+                int(done.sum()), int(filled.sum()), size,
+            )
+            raise
     seconds = time.perf_counter() - began
     if len(cells):
         logger.info("grid %d: rendered %d icons in %.1f s (%.2f s per icon)", size, len(cells), seconds, seconds / len(cells))

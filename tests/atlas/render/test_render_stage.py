@@ -356,3 +356,28 @@ def test_budget_change_keeps_icons(store: Path, tiny_model: LoadedModel, fast_co
 def test_render_config_rejects_bad_sizes(grid_sizes: list[int]) -> None:
     with pytest.raises(ValidationError, match="grid_sizes must be null"):
         RenderConfig(grid_sizes=grid_sizes)
+
+
+def test_interrupted_render_logs_and_resumes(
+    store: Path, tiny_model: LoadedModel, fast_config: RenderConfig, monkeypatch, caplog
+) -> None:
+    import atlas.render.stage as stage
+
+    config = fast_config.model_copy(update={"batch_size": 2})
+    real_batches = stage.iter_direction_batches
+
+    def interrupted_after_one(*args, **kwargs):
+        for count, item in enumerate(real_batches(*args, **kwargs)):
+            if count == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(stage, "iter_direction_batches", interrupted_after_one)
+    with caplog.at_level(logging.WARNING, logger="atlas.render.stage"), pytest.raises(KeyboardInterrupt):
+        run_render(store, config, model=tiny_model, progress=False)
+    assert "interrupted with 2 of 4 icons of grid 3 stored" in caplog.text
+
+    monkeypatch.setattr(stage, "iter_direction_batches", real_batches)
+    info = run_render(store, config, model=tiny_model, progress=False)
+    assert info["rendered"] == 2
+    assert info["n_icons"] == 4
