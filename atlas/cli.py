@@ -37,8 +37,15 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
 
+# Exit status after Ctrl-C: shells report a process killed by SIGINT (2) as 128 + 2.
+EXIT_INTERRUPTED = 130
+
+
 class AtlasGroup(click.Group):
-    """Click group that turns the library's own errors into one-line messages and exit code 2."""
+    """Click group that turns the library's own errors into one-line messages and exit code 2.
+
+    Ctrl-C prints click's "Aborted!" and exits with code 130, the shell convention for SIGINT.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -46,6 +53,10 @@ class AtlasGroup(click.Group):
         except AtlasError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,13 +199,32 @@ def serve(stores, store_options, config_path, overrides, host, port, show):
     """
     from atlas.store import open_store
 
-    paths = [*stores, *store_options]
+    paths = unique_stores([*stores, *store_options])
     if not paths:
         raise click.UsageError("no store given; pass one or more stores as `atlas serve STORE...` or `atlas serve --store STORE`")
     for path in paths:
         open_store(path)
     config = load_config(config_path, list(overrides))
     _serve(paths, config, port=port, host=host, show=show)
+
+
+def unique_stores(paths: list[str]) -> list[str]:
+    """Drop stores named more than once, keeping the first spelling and the order.
+
+    Local paths are compared after resolving them, URLs as text.
+    """
+    from atlas.store import is_store_url, local_store_path
+
+    seen = set()
+    unique = []
+    for path in paths:
+        key = path if is_store_url(path) else str(Path(local_store_path(path)).resolve())
+        if key in seen:
+            logger.info("store %s is given more than once; serving it once", path)
+            continue
+        seen.add(key)
+        unique.append(path)
+    return unique
 
 
 @main.command()
@@ -265,6 +295,23 @@ def partial_extract(data: dict) -> str | None:
             "run the same `atlas extract` again to resume")
 
 
+def format_extract(data: dict) -> str | None:
+    """Describe a finished extraction's time and workers' peak memory, from :func:`atlas.inspect.store_info` output.
+
+    Returns None before the extraction finishes.
+    """
+    seconds = data.get("extract_seconds")
+    if not data["stages"].get("extract") or seconds is None:
+        return None
+    text = f"{data['n_images']:,} images in {seconds:,.0f} s"
+    peaks = data.get("worker_peak_memory_mib") or {}
+    if peaks:
+        text += f", worker peak memory {max(peaks.values()):,.0f} MiB"
+        if len(peaks) > 1:
+            text += f" (largest of {len(peaks)} workers)"
+    return text
+
+
 def format_info(data: dict) -> str:
     """Format :func:`atlas.inspect.store_info` output as text."""
     lines = [
@@ -279,6 +326,9 @@ def format_info(data: dict) -> str:
                      f"{'projected' if layer_info['projected'] else 'not projected'}")
         for size, grid in layer_info["grids"].items():
             lines.append(f"  grid {size}x{size}: {grid['n_nonempty']} non-empty cells, {grid['n_icons']} icons")
+    extract = format_extract(data)
+    if extract:
+        lines.append(f"extract        {extract}")
     stages = data["stages"]
     lines.append("stages         " + (", ".join(f"{key} {'done' if done else 'incomplete'}" for key, done in stages.items()) or "none"))
     partial = partial_extract(data)
@@ -294,7 +344,10 @@ def format_info(data: dict) -> str:
 @click.argument("root", default=".")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_command(root, as_json):
-    """List the feature stores under ROOT with model, layers, counts and stage status."""
+    """List the feature stores under ROOT with model, layers, counts and stage status.
+
+    A store that cannot be read is listed as "PATH  unreadable: REASON".
+    """
     from atlas.inspect import list_stores
 
     stores = list_stores(root)
@@ -304,6 +357,9 @@ def list_command(root, as_json):
     if not stores:
         click.echo(f"no stores under {Path(root)}")
     for item in stores:
+        if "error" in item:
+            click.echo(f"{item['store']}  unreadable: {item['error']}")
+            continue
         done = [key for key, value in item["stages"].items() if value]
         partial = partial_extract(item)
         click.echo(f"{item['store']}  {item['model']}  layers={','.join(item['layers'])}  "

@@ -19,30 +19,63 @@ METHOD_CHOICES = (
 )
 
 
-def list_images(path: Path) -> list[Path]:
+def is_explain_output(path: Path) -> bool:
+    """Return whether ``path`` is named like a figure this command writes (``<stem>.<method>.png``)."""
+    name = path.name.lower()
+    return any(name.endswith(f".{method}.png") for method in METHOD_CHOICES)
+
+
+def list_images(path: Path, out: Path | None = None) -> list[Path]:
     """Return ``path`` itself, or the image files in a folder and its sub-folders.
 
     A folder is listed as ``atlas extract --images`` lists it
     (:func:`atlas.datasets.list_items`): recursively, sorted by name within
     each folder, keeping files with a suffix in ``atlas.images.IMAGE_SUFFIXES``.
+    Earlier outputs are left out, so a rerun does not explain its own figures:
+    files named ``<stem>.<method>.png``, and every file in ``out`` when ``out``
+    is a sub-folder of ``path``.
 
     Raises
     ------
     AtlasError
-        The folder and its sub-folders contain no file with an image suffix.
+        The folder and its sub-folders contain no image that is not an earlier output.
     """
     from atlas.datasets import list_items
 
     if not path.is_dir():
         return [path]
     try:
-        items = list_items(str(path))
+        items = [Path(item) for item in list_items(str(path))]
     except ConfigError as error:
         raise AtlasError(
             f"folder {path} has no images in it or its sub-folders ({', '.join(sorted(IMAGE_SUFFIXES))}); "
             "pass an image file or another folder"
         ) from error
-    return [Path(item) for item in items]
+
+    folder = path.resolve()
+    out_folder = out.resolve() if out is not None else None
+    # When OUT is the image folder itself, every image lies in it, so only the name rule applies there.
+    skip_out = out_folder is not None and out_folder != folder and out_folder.is_relative_to(folder)
+    images = []
+    n_named = n_in_out = 0
+    for item in items:
+        if is_explain_output(item):
+            n_named += 1
+        elif skip_out and item.resolve().is_relative_to(out_folder):
+            n_in_out += 1
+        else:
+            images.append(item)
+    if n_named:
+        logger.info("skipped %d files in %s named like earlier outputs (<name>.<method>.png)", n_named, path)
+    if n_in_out:
+        # NOTE: this also skips original images that happen to lie in the output folder.
+        logger.info("skipped %d files in the output folder %s, which lies inside %s", n_in_out, out, path)
+    if not images:
+        raise AtlasError(
+            f"folder {path} contains only outputs of an earlier `atlas explain`; "
+            "pass the folder of the original images, or another folder"
+        )
+    return images
 
 
 def output_folder(path: Path, source: Path, out: Path) -> Path:
@@ -54,7 +87,8 @@ def output_folder(path: Path, source: Path, out: Path) -> Path:
     """
     if not source.is_dir():
         return out
-    return out / path.relative_to(source).parent
+    # Resolved paths, because the folder listing resolves a relative source such as "..".
+    return out / path.resolve().relative_to(source.resolve()).parent
 
 
 def write_explanations(stem: str, explanations: dict, out: Path, combined: bool) -> list[Path]:
@@ -165,7 +199,7 @@ def explain(image: Path, method: str, model_spec: str, layer: str | None, target
     from atlas.explain.base import resolve_class
     from atlas.models import load_model
 
-    paths = list_images(image)
+    paths = list_images(image, out)
     render_config = load_config(config_path, list(overrides)).render
     loaded = load_model(model_spec, device=device)
     target_index = resolve_class(target, loaded.class_names) if target is not None else None

@@ -20,8 +20,26 @@ def store_info(path: str | Path) -> dict:
     -------
     dict
         JSON-able; ``rejected`` lists ``{"path", "reason"}`` for every image not decoded.
+        ``worker_peak_memory_mib`` maps each extract worker's address to its
+        peak resident memory in MiB, empty before extract finishes.
+
+    Raises
+    ------
+    StoreError
+        The path contains no store, or its metadata cannot be read.
     """
     group = open_store(path)
+    try:
+        return _summarise(group, path)
+    except (ValueError, TypeError, KeyError) as error:
+        # Zarr reads an array's zarr.json only when the array is opened, so a damaged one fails here.
+        raise StoreError(
+            f"cannot read the store metadata at {path}: {type(error).__name__}: {error}; "
+            f"the store is damaged, so rebuild it with `atlas extract --store {path} --force`"
+        ) from error
+
+
+def _summarise(group, path: str | Path) -> dict:
     attrs = dict(group.attrs)
     paths = read_strings(group["images/path"])
     status = read_strings(group["images/status"])
@@ -56,6 +74,7 @@ def store_info(path: str | Path) -> dict:
             "grids": grids,
         }
 
+    extract_info = stages.get("extract", {})
     return {
         "store": str(path),
         "model": attrs.get("model"),
@@ -72,12 +91,17 @@ def store_info(path: str | Path) -> dict:
         "stages": {key: bool(value.get("done")) for key, value in stages.items()},
         "n_shards": int(shard_done.size),
         "n_shards_done": int(shard_done.sum()),
+        "extract_seconds": extract_info.get("seconds"),
+        "worker_peak_memory_mib": dict(extract_info.get("worker_peak_memory_mib") or {}),
         "created": attrs.get("created"),
     }
 
 
 def list_stores(root: str | Path) -> list[dict]:
-    """Find the stores under ``root`` (searching at most three folders deep) and summarise each."""
+    """Find the stores under ``root`` (searching at most three folders deep) and summarise each.
+
+    A store that cannot be read is listed as ``{"store": path, "error": reason}``.
+    """
     root = Path(root)
     if not root.exists():
         raise StoreError(f"{root} does not exist; pass a folder that contains .zarr stores")
@@ -93,7 +117,8 @@ def list_stores(root: str | Path) -> list[dict]:
         try:
             info = store_info(candidate)
         except StoreError as error:
-            logger.debug("skipping %s: %s", candidate, error)
+            logger.debug("cannot summarise %s: %s", candidate, error)
+            found.append({"store": str(candidate), "error": str(error)})
             continue
         found.append(info)
     return found

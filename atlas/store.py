@@ -69,11 +69,15 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         ) from error
     except zarr.errors.ContainsArrayError as error:
         raise StoreError(f"{path} is a Zarr array, not an activation atlas store; pass the store's folder") from error
-    except (ValueError, TypeError, KeyError, OSError) as error:
+    except (ValueError, TypeError, KeyError) as error:
         # A damaged zarr.json raises JSONDecodeError (a ValueError), or TypeError when it is JSON of the wrong shape.
         raise StoreError(
             f"cannot read the store metadata at {path}: {error}; "
             f"the store is damaged, so rebuild it with `atlas extract --store {path} --force`"
+        ) from error
+    except OSError as error:
+        raise StoreError(
+            f"cannot read the store metadata at {path}: {error}; check that the path is readable and the URL reachable"
         ) from error
     if "atlas_format" not in group.attrs:
         raise StoreError(f"{path} is a Zarr group but not an activation atlas store (no 'atlas_format' attribute)")

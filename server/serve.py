@@ -74,13 +74,25 @@ def make_application(store_paths: list[str]) -> Application:
     return Application(DirectoryHandler(filename=str(APP_DIR), argv=list(store_paths)))
 
 
+def _warn_without_icons(store: state.StoreData) -> None:
+    """Log a warning for each layer of ``store`` with no rendered icon, whose mosaics are blank."""
+    for name in store.layers:
+        layer = store.layer(name)
+        if not any(layer.has_own_icons(size) for size in layer.sizes):
+            logger.warning(
+                "store %s has no rendered icons for layer %s, so the explorer shows blank mosaics; "
+                "run `atlas render %s --layer %s` first",
+                store.path, name, store.path, name,
+            )
+
+
 def _validate(store_paths: list[str], config: ServeConfig) -> None:
     if not store_paths:
         raise ConfigError("no store given; pass at least one store path, e.g. `atlas serve stores/demo.zarr`")
     state.configure(store_paths, config)
     # Opening every store now turns a wrong path into one clear error before the server starts.
     for index in range(len(store_paths)):
-        state.get_store(index)
+        _warn_without_icons(state.get_store(index))
     if config.host not in LOOPBACK_HOSTS:
         logger.warning(
             "the explorer listens on %s, so other machines can reach it; it has no authentication", config.host

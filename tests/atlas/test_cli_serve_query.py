@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import server.serve
+import server.state
 from atlas.cli import main
 from atlas.config import ServeConfig
-from atlas.store import create_store
+from atlas.store import create_store, open_store
 
 
 def make_store(path: Path) -> str:
@@ -99,3 +102,69 @@ def test_query_names_undecodable_image(tmp_path: Path, name: str, content: bytes
     assert result.exit_code == 2
     assert f"error: cannot decode image {image}: {reason}" in result.output
     assert "pass an image file that Pillow can read" in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["{a}", "--store", "{a}"], ["{a}"]),
+        (["--store", "{a}", "--store", "{a}"], ["{a}"]),
+        (["{b}", "{a}", "--store", "{b}"], ["{b}", "{a}"]),
+    ],
+)
+def test_serve_drops_repeated_stores(
+    stores: list[str], serve_calls: list[dict], arguments: list[str], expected: list[str]
+) -> None:
+    names = {"a": stores[0], "b": stores[1]}
+    argv = [argument.format(**names) for argument in arguments]
+
+    result = CliRunner().invoke(main, ["serve", *argv])
+
+    assert result.exit_code == 0, result.output
+    assert serve_calls[0]["stores"] == [path.format(**names) for path in expected]
+
+
+def test_serve_compares_resolved_paths(
+    stores: list[str], serve_calls: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(main, ["serve", "a.zarr", "--store", "./a.zarr/", "--store", stores[0]])
+
+    assert result.exit_code == 0, result.output
+    assert serve_calls[0]["stores"] == ["a.zarr"]
+
+
+def add_grid(path: str, *, icons: bool) -> None:
+    """Add a 2 x 2 grid of layer blocks.4 to a store, with one rendered icon when ``icons``."""
+    group = open_store(path, mode="r+")
+    grid = group.create_group("grids/blocks.4/2")
+    grid.attrs["min_count"] = 1
+    count = grid.create_array("count", shape=(2, 2), dtype="int32", fill_value=0)
+    count[:] = np.ones((2, 2), np.int32)
+    if icons:
+        grid.create_array("icons", shape=(2, 2, 4, 4, 3), dtype="uint8", fill_value=0)
+        done = grid.create_array("icon_done", shape=(2, 2), dtype="bool", fill_value=False)
+        done[0, 0] = True
+
+
+@pytest.mark.parametrize("icons", [False, True])
+def test_serve_warns_without_icons(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, icons: bool
+) -> None:
+    # Keep the server's process-wide store registry of other tests untouched.
+    monkeypatch.setattr(server.state, "_registry", server.state._Registry())
+    monkeypatch.setattr(server.state, "_stores", {})
+    path = make_store(tmp_path / "a.zarr")
+    add_grid(path, icons=icons)
+
+    with caplog.at_level(logging.WARNING, logger="server.serve"):
+        server.serve._validate([path], ServeConfig())
+
+    warnings = [record.getMessage() for record in caplog.records if record.name == "server.serve"]
+    if icons:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1
+        assert f"store {path} has no rendered icons for layer blocks.4" in warnings[0]
+        assert f"run `atlas render {path} --layer blocks.4`" in warnings[0]

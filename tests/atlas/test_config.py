@@ -72,3 +72,28 @@ def test_bad_override_named_as_source():
     with pytest.raises(ConfigError, match=r"in defaults with --set render\.steps=-5:") as caught:
         load_config(overrides=["render.steps=-5"])
     assert "render.steps" in str(caught.value).splitlines()[1]
+
+
+def test_override_invalid_yaml_named():
+    with pytest.raises(ConfigError, match=r"invalid override 'render\.grid_sizes=\[10': the value '\[10' is not valid YAML") as caught:
+        load_config(overrides=["render.grid_sizes=[10"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "close every bracket" in message
+
+
+def test_invalid_yaml_file_names_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grid:\n  sizes: [20, 40\nrender:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=rf"config file {path} is not valid YAML at line 3, column 7") as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "from line 2" in message
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfegrid: 1\n")
+    with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8 text"):
+        load_config(path)

@@ -11,7 +11,8 @@ from PIL import Image
 from skimage import data
 
 from atlas.cli import main
-from atlas.cli_explain import method_layers
+from atlas.cli_explain import list_images, method_layers
+from atlas.errors import AtlasError
 from atlas.explain import METHODS
 from atlas.testing import make_images, save_tiny_model
 
@@ -164,3 +165,44 @@ def test_real_model_gradcam(tmp_path, real_model, monkeypatch):
     attribution = np.load(tmp_path / "chelsea.gradcam.npy")
     assert attribution.shape == (224, 224)
     assert (tmp_path / "chelsea.gradcam.png").is_file()
+
+
+def test_list_images_skips_earlier_outputs(tmp_path):
+    folder = tmp_path / "in"
+    image = make_images(folder, 1, size=40)[0]
+    (folder / f"{image.stem}.gradcam++.png").write_bytes(image.read_bytes())
+    (folder / f"{image.stem}.all.png").write_bytes(image.read_bytes())
+    (folder / "results").mkdir()
+    (folder / "results" / "copy.png").write_bytes(image.read_bytes())
+
+    assert list_images(folder, folder / "results") == [image]
+    # OUT equal to the image folder skips files by name only, never the whole folder.
+    assert list_images(folder, folder) == [image, folder / "results" / "copy.png"]
+    assert list_images(folder) == [image, folder / "results" / "copy.png"]
+
+
+def test_list_images_only_outputs_is_error(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_images(tmp_path / "src", 1, size=40)[0].rename(folder / "cat.saliency.png")
+
+    with pytest.raises(AtlasError, match="contains only outputs of an earlier `atlas explain`"):
+        list_images(folder)
+
+
+def test_rerun_inside_tree_skips_outputs(tmp_path, tiny_file_spec, monkeypatch):
+    folder = tmp_path / "in"
+    top = make_images(folder, 1, size=40)[0]
+    make_images(folder / "a", 1, size=40, seed=1)
+    monkeypatch.chdir(folder / "a")
+
+    first = _run("..", "--method", "saliency", "--model", tiny_file_spec)
+    written = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    second = _run("..", "--method", "saliency", "--model", tiny_file_spec)
+    rewritten = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert f"a/{top.stem}.saliency.png" in written
+    assert rewritten == written
+    assert not [name for name in rewritten if ".saliency.saliency." in name]
