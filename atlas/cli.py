@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from atlas.config import AtlasConfig, load_config
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, ConfigError
 
 logger = logging.getLogger("atlas")
 
@@ -147,7 +147,15 @@ main.add_command(_stage_command("render", "Render one feature-visualization icon
 @config_options
 def build(config_path, overrides, images, store, model, layer, scheduler, force):
     """Run every stage: extract, index, project, grid, render."""
+    from atlas.store import is_store_url
+
     config = _load(config_path, overrides, images, store, model, layer, scheduler)
+    if is_store_url(config.store):
+        # Checked before extraction, which would otherwise run in full first.
+        raise ConfigError(
+            f"atlas build needs a local store folder, got {config.store}: the index, layout and mosaics are "
+            "files beside the store. Run `atlas extract --store URL` alone, or build into a local folder"
+        )
     timings = {}
     for stage in STAGE_ORDER:
         started = time.perf_counter()

@@ -188,6 +188,13 @@ def require_stage(group: zarr.Group, stage: str, layer: str | None = None, *, pa
     """Raise :class:`StageNotReadyError` unless ``stage`` is complete."""
     if not stage_done(group, stage, layer):
         what = stage if layer is None else f"{stage} for layer {layer}"
+        if stage == "extract":
+            # A bare `atlas extract STORE` would read the default images, not the store's.
+            source = group.attrs.get("images_source", "IMAGES")
+            raise StageNotReadyError(
+                f"store {path} has no completed extraction; resume it with "
+                f"`atlas extract --images {source} --store {path}` and the settings it started with"
+            )
         raise StageNotReadyError(f"store {path} has no completed {what}; run `atlas {stage} {path}` first")
 
 

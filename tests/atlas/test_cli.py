@@ -209,3 +209,10 @@ def test_interrupt_exits_with_130(monkeypatch, tmp_path):
     assert result.exit_code == 130
     assert "Aborted!" in result.output
     assert "Traceback" not in result.output
+
+
+def test_build_url_store_refused_first(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--images", str(tmp_path), "--store", "memory://atlas-build/s.zarr"])
+    assert result.exit_code == 2
+    assert "atlas build needs a local store folder, got memory://atlas-build/s.zarr" in result.output
+    assert "Traceback" not in result.output

@@ -243,7 +243,9 @@ def test_load_index_cache_follows_file(tmp_path):
 
 def test_index_needs_extract_and_load_needs_index(tmp_path):
     store = make_store(tmp_path / "s.zarr", n_rows=20, channels=8, mark_extract=False)
-    with pytest.raises(StageNotReadyError, match="extract"):
+    open_store(store.path, mode="r+").attrs["images_source"] = "/data/photos"
+    # The hint repeats the store's image source: a bare `atlas extract STORE` would read the default images.
+    with pytest.raises(StageNotReadyError, match=f"atlas extract --images /data/photos --store {store.path}`"):
         build_index(store.path, IndexConfig())
     with pytest.raises(StageNotReadyError, match="index for layer layer2"):
         load_index(store.path)
