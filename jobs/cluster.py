@@ -55,8 +55,8 @@ def use_processes(config: ComputeConfig) -> bool:
 
     ``compute.processes`` decides when set. When it is null, one CPU worker
     without a memory limit runs as threads of this process: a worker process
-    would only add its start-up (spawning, importing torch, a cold first
-    batch: 5 s of a 75 s job in the extract benchmark on a 2-core CPU).
+    would only add its start-up (spawning, importing torch, loading the
+    weights: 3 to 3.5 s on a 2-core CPU) and a cold first batch.
     Several workers or a memory limit need processes: the nanny enforces the
     limit and restarts a worker that exceeds it.
     """
