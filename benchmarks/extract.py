@@ -77,7 +77,7 @@ def run(n_images: int = 2048, batch_size: int = 32) -> dict:
     """Measure and return images/s for the bare forward pass and two jobs, and their ratios.
 
     The first job runs with the default settings, where one CPU worker is a
-    thread pool of this process; the second starts a worker process
+    thread pool of this process. The second starts a worker process
     (``compute.processes: true``). Bare passes run before, between and after
     the jobs, and each job is compared with the mean of the two passes next
     to it, so a change in the machine's load during the run weighs on both
