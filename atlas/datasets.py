@@ -40,6 +40,8 @@ MAX_URL_BYTES = 3 * MAX_PIXELS
 # timeout or a refused connection is tried URL_ATTEMPTS times in all.
 URL_TIMEOUT_SECONDS = 30.0
 URL_ATTEMPTS = 2
+# Prefixes of the rejection reasons that _network_failure writes.
+NETWORK_FAILURE_PREFIXES = ("timed out after ", "cannot connect: ")
 
 # Real photographs shipped inside installed packages (package, path inside it).
 # Synthetic images (chessboard, colour wheel, phantom, logos) are left out.
@@ -179,6 +181,11 @@ def _url_options(url: str) -> dict:
     import aiohttp
 
     return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=URL_TIMEOUT_SECONDS)}}
+
+
+def is_network_failure(reason: str) -> bool:
+    """Return whether a recorded rejection reason is a timeout or a failed connection, which a rerun may fix."""
+    return reason.startswith(NETWORK_FAILURE_PREFIXES)
 
 
 def _network_failure(error: BaseException) -> str | None:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas.config import AtlasConfig
-from atlas.datasets import fingerprint, is_url, list_items, stat_fingerprint
+from atlas.datasets import fingerprint, is_network_failure, is_url, list_items, stat_fingerprint
 from atlas.errors import AtlasError, ConfigError, StoreError
 from atlas.extract import ExtractSettings, describe_model, peak_memory_mib, process_shard, rows_per_image
 from atlas.store import (
@@ -230,6 +230,19 @@ def _raise_atlas_error(result):
     return result
 
 
+def _network_failed_shards(group) -> list[int]:
+    """Return the shards with an image rejected for a network reason, logging how many images that is.
+
+    A timeout or a refused connection may pass, so a rerun tries those images again.
+    """
+    status = read_strings(group["images/status"])
+    rows = np.flatnonzero([is_network_failure(reason) for reason in status])
+    if not len(rows):
+        return []
+    logger.info("extract: trying again %d images rejected for a network reason (timeout or no connection)", len(rows))
+    return sorted({int(row) // int(group.attrs["shard_size"]) for row in rows})
+
+
 def _duplicate_reasons(items: list[str]) -> dict[int, str]:
     first_seen: dict[str, int] = {}
     reasons = {}
@@ -265,8 +278,9 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
             group = None
         if group is not None and stage_done(group, "extract"):
             _check_same_job(group, store, config, items)
-            logger.info("extract: %s is already complete; pass --force to redo it", store)
-            return dict(group.attrs["stages"]["extract"])
+            if not _network_failed_shards(group):
+                logger.info("extract: %s is already complete; pass --force to redo it", store)
+                return dict(group.attrs["stages"]["extract"])
     start = time.perf_counter()
     duplicates = _duplicate_reasons(items)
     show = sys.stderr.isatty() if progress is None else progress
@@ -285,6 +299,10 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
         with store_lock(store, "extract"):
             group = open_store(store, mode="r+")
             clear_stage(group, "extract")
+            if not force:
+                # Shards run again as a whole; their other rows come out the same.
+                for shard in _network_failed_shards(group):
+                    group["extract/shard_done"][shard] = False
             done = np.asarray(group["extract/shard_done"][:])
             todo = [int(shard) for shard in np.flatnonzero(~done)]
             logger.info("extract: %d of %d shards to run", len(todo), len(done))

@@ -174,3 +174,38 @@ def test_http_images_equal_local_folder(tiny_spec, image_folder, http_images, tm
     assert status[-1] == "file not found"
     for name in COMPARED:
         np.testing.assert_array_equal(url_store[name][:][: local_store[name].shape[0]], local_store[name][:], err_msg=name)
+
+
+def test_rerun_retries_network_failures(tiny_spec, image_folder, tmp_path):
+    import functools
+    import socket
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    names = sorted(path.name for path in image_folder.glob("*.png"))[:3]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"http://127.0.0.1:{port}/{name}\n" for name in names))
+    config = tiny_config(tiny_spec, listing, tmp_path / "s.zarr")
+
+    # Nothing listens on the port yet: every image is rejected as unreachable.
+    first = run_extract(config, progress=False)
+    status = read_strings(open_store(config.store)["images/status"])
+    assert first["n_ok"] == 0
+    assert all(reason.startswith("cannot connect: ") for reason in status)
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(QuietHandler, directory=str(image_folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        second = run_extract(config, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert second["n_ok"] == 3
+    assert list(read_strings(open_store(config.store)["images/status"])) == ["ok"] * 3
