@@ -65,12 +65,12 @@ def _settings(config: AtlasConfig, store: str, layer_shapes: dict[str, list[int]
 RESUMABLE_CHANGES = frozenset({"extract.batch_size"})
 
 
-def _setting_changes(stored: dict, current: dict) -> list[str]:
-    """List the extraction settings that differ, as ``key: old then, new now``, leaving out RESUMABLE_CHANGES.
+def _setting_changes(stored: dict, current: dict) -> dict[str, tuple]:
+    """Return the extraction settings that differ, as key to ``(stored value, current value)``.
 
-    ``images`` is left out too: the image list is compared by its fingerprint.
+    ``images`` is left out: the image list is compared by its fingerprint.
     """
-    changes = []
+    changes = {}
     for section in ("model", "layer", "sample", "extract"):
         old, new = stored.get(section), current.get(section)
         pairs = (
@@ -78,27 +78,28 @@ def _setting_changes(stored: dict, current: dict) -> list[str]:
             if isinstance(old, dict) and isinstance(new, dict)
             else {section: (old, new)}
         )
-        for key, (before, after) in pairs.items():
-            if before != after and key not in RESUMABLE_CHANGES:
-                changes.append(f"{key}: {before!r} then, {after!r} now")
+        changes.update({key: values for key, values in pairs.items() if values[0] != values[1]})
     return changes
 
 
 def _check_same_job(group, store: str, config: AtlasConfig, items: list[str]) -> None:
-    """Raise ConfigError unless ``group`` was extracted with these settings and this image list."""
+    """Raise ConfigError unless ``group`` was extracted with these settings and this image list.
+
+    Changes in RESUMABLE_CHANGES are allowed and logged.
+    """
     stored = group.attrs.get("config")
-    current = config.model_dump(mode="json")
+    difference = None
     if isinstance(stored, dict):
-        changes = _setting_changes(stored, current)
-        difference = f"other extraction settings ({'; '.join(changes)})" if changes else None
-        if not changes:
-            for key in sorted(RESUMABLE_CHANGES):
-                section, name = key.split(".")
-                if stored.get(section, {}).get(name) != current[section][name]:
-                    logger.info("extract: %s changed from %r to %r; the shards still to run use the new value",
-                                key, stored[section].get(name), current[section][name])
-    else:
-        difference = "another extraction configuration" if group.attrs.get("config_digest") != config.digest() else None
+        changes = _setting_changes(stored, config.model_dump(mode="json"))
+        blocking = [f"{key}: {before!r} then, {after!r} now" for key, (before, after) in changes.items()
+                    if key not in RESUMABLE_CHANGES]
+        if blocking:
+            difference = f"other extraction settings ({'; '.join(blocking)})"
+        else:
+            for key, (before, after) in changes.items():
+                logger.info("extract: %s changed from %r to %r; the shards still to run use the new value", key, before, after)
+    elif group.attrs.get("config_digest") != config.digest():
+        difference = "another extraction configuration"
     if difference is None and group.attrs.get("dataset_fingerprint") != fingerprint(items):
         difference = f"another image list ({int(group.attrs.get('n_images', 0)):,} images then, {len(items):,} now)"
     stored_stats = group.attrs.get("dataset_stat_fingerprint")
@@ -111,26 +112,30 @@ def _check_same_job(group, store: str, config: AtlasConfig, items: list[str]) ->
     )
 
 
+def _existing_store(store: str, force: bool):
+    """Open the store of an earlier run to resume it, or return None when a new one is to be created."""
+    if force or not store_exists(store):
+        return None
+    try:
+        return open_store(store, mode="r")
+    except StoreError:
+        return None
+
+
 def _prepare_store(
-    config: AtlasConfig, store: str, items: list[str], force: bool, describe: Callable[[], dict]
+    config: AtlasConfig, store: str, items: list[str], existing, describe: Callable[[], dict]
 ) -> dict[str, list[int]]:
-    """Create the store, or check that an existing one belongs to this job; return layer shapes.
+    """Return the layer shapes of ``existing`` (an already checked store), or create the store and return them.
 
     ``describe`` returns the model's layer shapes, preprocessing and class
     names (see :func:`atlas.extract.describe_model`); it is called only when a
     new store is created.
     """
+    if existing is not None:
+        return dict(existing.attrs["layer_shapes"])
+
     digest = config.digest()
     data_print = fingerprint(items)
-    if store_exists(store) and not force:
-        try:
-            group = open_store(store, mode="r")
-        except StoreError:
-            group = None
-        if group is not None:
-            _check_same_job(group, store, config, items)
-            return dict(group.attrs["layer_shapes"])
-
     model = describe()
     shapes = model["layer_shapes"]
     _, height, width = shapes[_layers(config)[0]]
@@ -231,15 +236,9 @@ def _raise_atlas_error(result):
 
 
 def _network_failed_shards(group) -> list[int]:
-    """Return the shards with an image rejected for a network reason, logging how many images that is.
-
-    A timeout or a refused connection may pass, so a rerun tries those images again.
-    """
+    """Return the shards with an image rejected for a network reason (a timeout or a refused connection)."""
     status = read_strings(group["images/status"])
     rows = np.flatnonzero([is_network_failure(reason) for reason in status])
-    if not len(rows):
-        return []
-    logger.info("extract: trying again %d images rejected for a network reason (timeout or no connection)", len(rows))
     return sorted({int(row) // int(group.attrs["shard_size"]) for row in rows})
 
 
@@ -271,16 +270,12 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
     store = config.store if is_store_url(config.store) else str(Path(config.store).resolve())
     items = list_items(config.images, config.sample.crops_per_photo)
     logger.info("extract: %d images from %s", len(items), config.images)
-    if store_exists(store) and not force:
-        try:
-            group = open_store(store)
-        except StoreError:
-            group = None
-        if group is not None and stage_done(group, "extract"):
-            _check_same_job(group, store, config, items)
-            if not _network_failed_shards(group):
-                logger.info("extract: %s is already complete; pass --force to redo it", store)
-                return dict(group.attrs["stages"]["extract"])
+    existing = _existing_store(store, force)
+    if existing is not None:
+        _check_same_job(existing, store, config, items)
+        if stage_done(existing, "extract") and not _network_failed_shards(existing):
+            logger.info("extract: %s is already complete; pass --force to redo it", store)
+            return dict(existing.attrs["stages"]["extract"])
     start = time.perf_counter()
     duplicates = _duplicate_reasons(items)
     show = sys.stderr.isatty() if progress is None else progress
@@ -294,15 +289,18 @@ def run_extract(config: AtlasConfig, force: bool = False, progress: bool | None 
                 ).result()
             )
 
-        shapes = _prepare_store(config, store, items, force, describe)
+        shapes = _prepare_store(config, store, items, existing, describe)
         settings = _settings(config, store, shapes)
         with store_lock(store, "extract"):
             group = open_store(store, mode="r+")
             clear_stage(group, "extract")
-            if not force:
-                # Shards run again as a whole; their other rows come out the same.
-                for shard in _network_failed_shards(group):
-                    group["extract/shard_done"][shard] = False
+            # A timeout or a refused connection may pass, so those images are tried again.
+            retried = [] if force else _network_failed_shards(group)
+            if retried:
+                logger.info("extract: running %d shards again for images rejected for a network reason", len(retried))
+            for shard in retried:
+                # The shard runs again as a whole; its other rows come out the same.
+                group["extract/shard_done"][shard] = False
             done = np.asarray(group["extract/shard_done"][:])
             todo = [int(shard) for shard in np.flatnonzero(~done)]
             logger.info("extract: %d of %d shards to run", len(todo), len(done))
