@@ -59,15 +59,20 @@ def bare_seconds(model, tensors: list[torch.Tensor], batch_size: int) -> float:
         return time.perf_counter() - start
 
 
-def _job(images: Path, store: Path, batch_size: int, processes: bool | None) -> tuple[dict, float]:
-    """Run `atlas extract` from files to a new store; return its summary and wall seconds."""
+def job_config(images: Path, store: Path, batch_size: int, shard_size: int, processes: bool | None):
+    """Return the benchmark's extraction settings: attribution off, every position, one worker with one task thread."""
     overrides = [
         "extract.attribution=false", f"extract.batch_size={batch_size}", "extract.positions=all",
-        "extract.shard_size=128", "compute.n_workers=1", "compute.threads_per_worker=1",
+        f"extract.shard_size={shard_size}", "compute.n_workers=1", "compute.threads_per_worker=1",
     ]
     if processes is not None:
         overrides.append(f"compute.processes={str(processes).lower()}")
-    config = load_config(overrides=overrides, images=str(images), store=str(store))
+    return load_config(overrides=overrides, images=str(images), store=str(store))
+
+
+def _job(images: Path, store: Path, batch_size: int, processes: bool | None) -> tuple[dict, float]:
+    """Run `atlas extract` from files to a new store; return its summary and wall seconds."""
+    config = job_config(images, store, batch_size, shard_size=128, processes=processes)
     start = time.perf_counter()
     summary = run_extract(config, progress=False)
     return summary, time.perf_counter() - start
@@ -79,9 +84,8 @@ def run(n_images: int = 2048, batch_size: int = 32) -> dict:
     The first job runs with the default settings, where one CPU worker is a
     thread pool of this process. The second starts a worker process
     (``compute.processes: true``). Bare passes run before, between and after
-    the jobs, and each job is compared with the mean of the two passes next
-    to it, so a change in the machine's load during the run weighs on both
-    sides of each ratio.
+    the jobs. Each job is compared with the mean of the two passes next to
+    it, so a change in the machine's load weighs on both sides of its ratio.
     """
     threads = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-extract-"))

@@ -15,9 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from atlas.config import load_config
 from benchmarks.common import machine
-from benchmarks.extract import bare_inputs, bare_seconds, write_images
+from benchmarks.extract import bare_inputs, bare_seconds, job_config, write_images
 from jobs.extract import run_extract
 
 logger = logging.getLogger(__name__)
@@ -31,16 +30,8 @@ N_BARE = 1_024
 
 
 def _config(images: Path, store: Path):
-    return load_config(
-        overrides=[
-            "extract.attribution=false", f"extract.batch_size={BATCH_SIZE}", "extract.positions=all",
-            "extract.shard_size=256", "compute.n_workers=1", "compute.threads_per_worker=1",
-            # A worker process of its own, so that its peak memory is measured apart from this one's.
-            "compute.processes=true",
-        ],
-        images=str(images),
-        store=str(store),
-    )
+    # A worker process of its own, so that its peak memory is measured apart from this one's.
+    return job_config(images, store, BATCH_SIZE, shard_size=256, processes=True)
 
 
 def _bare_rate(files: list[Path]) -> float:
