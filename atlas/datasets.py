@@ -259,8 +259,9 @@ def _glob_files(pattern: Path) -> list[str]:
     root = Path(*parts[:fixed])
     items = []
     for item in glob.glob(str(pattern), recursive=True):
-        parents = Path(item).parents
-        if Path(item).is_file() and not any(parent.is_symlink() for parent in parents if parent != root and root in parent.parents):
+        # The folders between the fixed part and the file, e.g. a/b and a for root/a/b/x.jpg.
+        folders = [root / folder for folder in Path(item).relative_to(root).parents if folder != Path(".")]
+        if Path(item).is_file() and not any(folder.is_symlink() for folder in folders):
             items.append(item)
     return sorted(items)
 
